@@ -1,0 +1,197 @@
+"""Config loading: packaged YAML defaults in groups, a user file, then ``key=value`` overrides.
+
+Every step is validated against the typed schema in ``schema.py``; a mistake becomes one
+``ConfigError`` line that names the key, the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pixelmill.config.schema import CHOICES, LOGGERS, MONITORS, RANGES, PixelmillConfig
+from pixelmill.errors import ConfigError
+
+# Groups that `group=name` selects from packaged YAML files, and the default of each.
+GROUPS: dict[str, str] = {"data": "image", "model": "small_cnn", "trainer": "default"}
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the packaged YAML files in one config group."""
+    folder = resources.files("pixelmill.config").joinpath(group)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{origin}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a mapping of keys (like 'model: {{name: resnet18}}'), got {type(data).__name__}")
+    return data
+
+
+def _group_file(group: str, name: str) -> dict:
+    options = group_options(group)
+    if name not in options:
+        raise ConfigError(f"unknown {group} config '{name}'; choose one of: {', '.join(options)}")
+    text = resources.files("pixelmill.config").joinpath(group, f"{name}.yaml").read_text()
+    return {group: _read_yaml(text, f"packaged {group}/{name}.yaml")}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key=value (for example trainer.max_epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _key_error(key: str) -> ConfigError:
+    schema = OmegaConf.structured(PixelmillConfig)
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(schema, parent) if parent else schema
+    if not isinstance(node, DictConfig):
+        return ConfigError(f"unknown config key '{key}': '{parent}' has no sub-keys")
+    valid = [str(k) for k in node.keys()]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"; did you mean '{(parent + '.') if parent else ''}{close[0]}'?" if close else ""
+    where = f"under '{parent}'" if parent else "at the top level"
+    return ConfigError(f"unknown config key '{key}'{hint} (valid keys {where}: {', '.join(valid)})")
+
+
+def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (ConfigKeyError, ConfigAttributeError):
+        raise _key_error(key) from None
+    except ValidationError as exc:
+        expected = getattr(exc, "msg", str(exc)).split("\n")[0]
+        raise ConfigError(f"bad value {value!r} for '{key}': {expected}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot set '{key}' to {value!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _merge_mapping(cfg: DictConfig, data: dict, prefix: str = "") -> None:
+    """Merge a nested mapping key by key so errors name the full dotted key."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        node = OmegaConf.select(cfg, dotted, default=None) if isinstance(value, dict) else None
+        if isinstance(value, dict) and isinstance(node, DictConfig) and str(key) != "columns":
+            _merge_mapping(cfg, value, f"{dotted}.")
+        else:
+            _set(cfg, dotted, value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check choices and ranges that the types alone cannot express."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in choices:
+            raise ConfigError(f"bad value '{value}' for '{key}'; choose one of: {', '.join(choices)}")
+    for key, (low, high, inclusive) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        too_low = low is not None and (value < low if inclusive else value <= low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            bracket = "[" if inclusive else "("
+            raise ConfigError(f"bad value {value} for '{key}'; must be in {bracket}{lo}, {hi}]")
+    loggers = list(cfg.logger)
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"unknown logger '{unknown[0]}' in 'logger'; choose any of: {', '.join(LOGGERS)}")
+    if cfg.trainer.monitor not in MONITORS:
+        raise ConfigError(f"bad value '{cfg.trainer.monitor}' for 'trainer.monitor'; choose one of: {', '.join(MONITORS)}")
+    if cfg.data.val_ratio + cfg.data.test_ratio >= 1.0:
+        raise ConfigError("data.val_ratio + data.test_ratio must be below 1 so that something is left to train on")
+    for k in cfg.eval.top_k:
+        if k < 1:
+            raise ConfigError(f"bad value {k} in 'eval.top_k'; each k must be at least 1")
+
+
+def load_config(overrides: Iterable[str] = (), config_file: str | Path | None = None) -> DictConfig:
+    """Compose the run config: schema defaults, packaged groups, a user file, then overrides."""
+    cfg = OmegaConf.structured(PixelmillConfig)
+    parsed = [parse_override(item) for item in overrides]
+    user: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to a YAML file")
+        user = _read_yaml(path.read_text(), f"config file '{path}'")
+    # `group: name` in the file or `group=name` on the command line picks a packaged file.
+    file_groups = {g: user.pop(g) for g in GROUPS if isinstance(user.get(g), str)}
+    cli_groups: dict[str, str] = {}
+    dotted: list[tuple[str, Any]] = []
+    for key, value in parsed:
+        if key in GROUPS and isinstance(value, str):
+            if key == "model" and value not in group_options("model"):
+                # `model=convnext_tiny` names an architecture, not a packaged file.
+                dotted.append(("model.name", value))
+            else:
+                cli_groups[key] = value
+        else:
+            dotted.append((key, value))
+    selections = {**GROUPS, **file_groups, **cli_groups}
+
+    for group, name in selections.items():
+        _merge_mapping(cfg, _group_file(group, name))
+    _merge_mapping(cfg, user)
+    for key, value in dotted:
+        if key == "logger" and isinstance(value, str):
+            value = [value]
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text, the form saved in every run directory."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_saved(path: str | Path) -> DictConfig:
+    """Load a run's saved ``config.yaml`` back onto the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config at '{path}'")
+    cfg = OmegaConf.structured(PixelmillConfig)
+    _merge_mapping(cfg, _read_yaml(path.read_text(), f"config file '{path}'"))
+    return cfg
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Flattened ``{"data.batch_size": 64, ...}`` view, for trackers' params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                walk(node[k], f"{prefix}{k}.")
+        elif isinstance(node, ListConfig):
+            out[prefix[:-1]] = list(node)
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg, "")
+    return out

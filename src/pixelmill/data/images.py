@@ -1,0 +1,77 @@
+"""The image dataset over a scanned file list, with per-sample seeded augmentation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from pixelmill.data.preprocess import load_image
+from pixelmill.errors import DataError
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs -> (tensor, label).
+
+    An index may be an ``int`` or an ``(int, seed)`` pair from ``SeededSampler``: with a
+    seed, the random augmentation of that sample is drawn from its own generator state, so
+    the result depends on (seed, epoch, position) only - not on the number of workers.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], channels: int, transform: Callable[[Image.Image], torch.Tensor]):
+        self.items = items
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.items[index]
+        try:
+            img = load_image(path, self.channels)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read image '{path}' ({exc}); it changed after the scan - re-run training") from None
+        if seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Shuffled (or class-balanced) order plus a per-sample augmentation seed, per epoch.
+
+    Order and seeds are a pure function of (seed, epoch): Lightning calls ``set_epoch``,
+    so a resumed run draws exactly what an uninterrupted one would have drawn.
+    """
+
+    def __init__(self, labels: list[int], seed: int, balanced: bool = False):
+        self.labels = torch.as_tensor(labels)
+        self.seed = seed
+        self.balanced = balanced
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def weights(self) -> torch.Tensor:
+        """Per-sample weights that give every class the same expected share."""
+        counts = torch.bincount(self.labels).clamp(min=1).double()
+        return (1.0 / counts)[self.labels]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.labels)
+        if self.balanced:
+            order = torch.multinomial(self.weights(), n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g)
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
+        return iter(zip(order.tolist(), seeds.tolist()))

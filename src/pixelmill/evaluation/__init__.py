@@ -1,0 +1,6 @@
+"""Evaluation: metrics from predictions, plots, and the self-contained HTML run report.
+
+- ``metrics``: ``compute_metrics``, ``classification_report_text``, ``write_evaluation``
+- ``plots``: confusion matrix, ROC, precision-recall, training curves, misclassified grid
+- ``report``: ``write_report(run_dir)`` -> ``run_dir/report.html``
+"""

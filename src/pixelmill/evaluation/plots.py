@@ -1,0 +1,306 @@
+"""Evaluation and training plots written as PNG files (matplotlib, Agg backend).
+
+Every function takes the output path, writes one PNG and returns that path (or None
+when there is nothing to draw). Figures are sized by the number of classes so that
+2 to ~30 classes stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DPI = 110
+MAX_LABEL_CHARS = 22
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Figure, np.ndarray]:
+    """A pyplot-free figure on the Agg backend, with a 2-D array of axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    log.debug("Wrote plot %s", path)
+    return path
+
+
+def _short(name: str, limit: int = MAX_LABEL_CHARS) -> str:
+    name = str(name)
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
+def _colors(n: int) -> list:
+    """Distinct colours: tab10/tab20 while they last, then an evenly sampled turbo map."""
+    import matplotlib
+
+    cmap_name = "tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"
+    cmap = matplotlib.colormaps[cmap_name]
+    if cmap_name == "turbo":
+        return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
+    return [cmap(i) for i in range(n)]
+
+
+def _legend(ax: Axes, n_entries: int, loc: str) -> None:
+    """Legend inside at ``loc`` for a few classes, outside on the right (1-2 columns) for many."""
+    if n_entries <= 11:
+        ax.legend(loc=loc, fontsize=8, framealpha=0.9)
+    else:
+        ax.legend(
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize=7 if n_entries > 20 else 8,
+            ncol=1 if n_entries <= 18 else 2,
+            frameon=False,
+        )
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, normalize: bool) -> Path:
+    """Confusion matrix heat map (rows true, columns predicted), counts or row-normalised rates."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = len(class_names)
+    if normalize:
+        row_sums = cm.sum(axis=1, keepdims=True)
+        # rows of classes absent from y_true stay 0 instead of NaN
+        values = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
+        fmt, title = ".2f", "Confusion matrix (normalised by true class)"
+    else:
+        values = cm.astype(np.int64)
+        fmt, title = "d", "Confusion matrix (counts)"
+    side = max(5.0, 0.42 * n + 3.0)
+    fig, axes = _figure(side + 1.0, side)
+    ax = axes[0, 0]
+    display = ConfusionMatrixDisplay(values, display_labels=[_short(c) for c in class_names])
+    display.plot(
+        ax=ax,
+        cmap="Blues",
+        values_format=fmt,
+        colorbar=False,
+        text_kw={"fontsize": 10 if n <= 10 else 8 if n <= 18 else 6},
+        im_kw={"vmin": 0, "vmax": 1} if normalize else None,
+    )
+    fig.colorbar(display.im_, ax=ax, shrink=0.8, fraction=0.05)
+    # fade empty cells so the mistakes stand out in large matrices
+    for text, value in zip(display.text_.ravel(), values.ravel()):
+        if value == 0:
+            text.set_alpha(0.3)
+    for label in ax.get_xticklabels():
+        label.set(rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", rotation_mode="anchor")
+    tick_size = 10 if n <= 12 else 8
+    ax.tick_params(labelsize=tick_size)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _present_classes(y_true: np.ndarray, n_classes: int) -> list[int]:
+    """Classes with at least one positive and one negative in y_true (curves are defined)."""
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=n_classes)
+    return [c for c in range(n_classes) if 0 < counts[c] < len(y_true)]
+
+
+def _curve_axes(n_classes: int) -> tuple[Figure, Axes]:
+    width = 7.0 if n_classes <= 11 else 9.5 if n_classes <= 18 else 11.0
+    fig, axes = _figure(width, 6.0)
+    return fig, axes[0, 0]
+
+
+def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """One-vs-rest ROC curve per class present in y_true (AUC in the legend) plus the macro average."""
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    present = _present_classes(y, len(class_names))
+    fig, ax = _curve_axes(len(present) + 1)
+    colors = _colors(len(class_names))
+    fpr_grid = np.linspace(0.0, 1.0, 501)
+    tprs = []
+    for c in present:
+        fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+        score = roc_auc_score(y == c, probs[:, c])
+        tprs.append(np.interp(fpr_grid, fpr, tpr))
+        ax.plot(fpr, tpr, color=colors[c], lw=1.3, alpha=0.85, label=f"{_short(class_names[c])} ({score:.3f})")
+    if tprs:
+        mean_tpr = np.mean(tprs, axis=0)
+        mean_tpr[0] = 0.0
+        ax.plot(
+            fpr_grid, mean_tpr, color="black", lw=2.4, ls="--",
+            label=f"macro-average ({auc(fpr_grid, mean_tpr):.3f})",
+        )
+    else:
+        ax.text(0.5, 0.5, "ROC undefined: y_true holds a single class", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="False positive rate", ylabel="True positive rate")
+    ax.set_title("ROC curves, one-vs-rest (AUC)")
+    ax.grid(alpha=0.3)
+    if tprs:
+        _legend(ax, len(present) + 1, "lower right")
+    return _save(fig, path)
+
+
+def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """Precision-recall curve per class present in y_true, average precision (AP) in the legend."""
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    present = _present_classes(y, len(class_names))
+    fig, ax = _curve_axes(len(present))
+    colors = _colors(len(class_names))
+    aps = []
+    for c in present:
+        precision, recall, _ = precision_recall_curve(y == c, probs[:, c])
+        ap = average_precision_score(y == c, probs[:, c])
+        aps.append(ap)
+        ax.plot(
+            recall, precision, drawstyle="steps-post", color=colors[c], lw=1.3, alpha=0.85,
+            label=f"{_short(class_names[c])} (AP {ap:.3f})",
+        )
+    title = "Precision-recall curves"
+    if aps:
+        title += f" (mean AP {np.mean(aps):.3f})"
+        _legend(ax, len(present), "lower left")
+    else:
+        ax.text(0.5, 0.5, "PR curves undefined: y_true holds a single class", ha="center", va="center")
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Recall", ylabel="Precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _metric_panels(columns: list[str]) -> dict[str, list[str]]:
+    """Group metrics.csv columns into the loss, accuracy/F1 and learning-rate panels."""
+    per_epoch = [c for c in columns if c not in ("epoch", "step") and not c.endswith("_step")]
+    leaf = {c: c.rsplit("/", 1)[-1].lower() for c in per_epoch}
+    is_lr = {c: leaf[c] == "lr" or leaf[c].startswith(("lr-", "lr_")) for c in per_epoch}
+    return {
+        "Loss": [c for c in per_epoch if "loss" in leaf[c] and not is_lr[c]],
+        "Accuracy / F1": [c for c in per_epoch if ("acc" in leaf[c] or "f1" in leaf[c]) and not is_lr[c]],
+        "Learning rate": [c for c in per_epoch if is_lr[c]],
+    }
+
+
+def plot_training_curves(metrics_csv: Path, path: Path) -> Path | None:
+    """Loss, accuracy/F1 and learning-rate panels per epoch from a run's metrics.csv.
+
+    Lightning's CSV logger may write train and val values of one epoch on separate rows;
+    the last non-empty value per epoch and column is used. None if nothing can be drawn.
+    """
+    import pandas as pd
+
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file() or metrics_csv.stat().st_size == 0:
+        return None
+    try:
+        frame = pd.read_csv(metrics_csv)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        log.warning("Cannot read %s (%s); no training curves", metrics_csv, exc)
+        return None
+    if frame.empty:
+        return None
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    if "epoch" in frame.columns and frame["epoch"].notna().any():
+        frame = frame.dropna(subset=["epoch"]).groupby("epoch", sort=True).last()
+    else:
+        frame.index = pd.RangeIndex(len(frame), name="epoch")
+    panels = {
+        title: [c for c in cols if frame[c].notna().any()]
+        for title, cols in _metric_panels([str(c) for c in frame.columns]).items()
+    }
+    panels = {title: cols for title, cols in panels.items() if cols}
+    if not panels:
+        return None
+
+    fig, axes = _figure(5.0 * len(panels), 4.0, ncols=len(panels))
+    for ax, (title, cols) in zip(axes[0], panels.items()):
+        for col in cols:
+            series = frame[col].dropna()
+            ls = "--" if col.startswith("train") else "-"
+            ax.plot(series.index, series.values, marker="o", ms=3.5, lw=1.6, ls=ls, label=col)
+        values = frame[cols].to_numpy(dtype=float)
+        positive = values[np.isfinite(values) & (values > 0)]
+        if title == "Learning rate" and positive.size and positive.max() / positive.min() > 20:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if frame.index.size <= 20:
+            ax.set_xticks(frame.index.to_numpy())
+    return _save(fig, path)
+
+
+def _caption(true_name: str, pred_name: str, confidence: float) -> str:
+    text = f"true: {_short(true_name, 16)} / pred: {_short(pred_name, 16)} ({confidence:.2f})"
+    return text if len(text) <= 30 else text.replace(" / ", "\n", 1)
+
+
+def _show_image(ax: Axes, image: Image.Image) -> None:
+    if image.mode in ("1", "L", "I", "I;16", "F"):
+        array, cmap = np.asarray(image.convert("L")), "gray"
+    else:
+        array, cmap = np.asarray(image.convert("RGB")), None
+    small = max(array.shape[:2]) < 64  # keep tiny images (e.g. 8x8 digits) crisp
+    ax.imshow(array, cmap=cmap, interpolation="nearest" if small else "antialiased")
+
+
+def plot_misclassified(
+    sample_ids: list[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+    load_image: Callable[[str], Image.Image],
+    path: Path,
+    n: int = 16,
+) -> Path | None:
+    """Grid of the ``n`` most confidently wrong predictions; None when there are no mistakes."""
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    if wrong.size == 0 or n < 1:
+        return None
+    chosen = wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+
+    ncols = min(chosen.size, max(4, math.ceil(math.sqrt(chosen.size))))
+    nrows = math.ceil(chosen.size / ncols)
+    fig, axes = _figure(2.5 * ncols, 2.75 * nrows + 0.4, nrows=nrows, ncols=ncols)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, chosen):
+        try:
+            _show_image(ax, load_image(sample_ids[i]))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("Cannot load %s for the misclassified grid: %s", sample_ids[i], exc)
+            ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=8)
+        ax.set_title(_caption(class_names[y[i]], class_names[pred[i]], confidence[i]), fontsize=8, color="#b00020")
+    fig.suptitle(f"Most confident mistakes ({chosen.size} of {wrong.size} misclassified)", fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,190 @@
+"""One self-contained HTML report per run: ``run_dir/report.html``.
+
+The report reads whatever the run directory holds (config.yaml, summary.json,
+metrics.csv, eval/<split>/...) and leaves out the sections it has no data for.
+Images are embedded as base64 data URIs and the CSS is inline, so the file can be
+mailed, attached to a tracker or opened from disk without a server. There is no JS.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from pixelmill.errors import RunError
+from pixelmill.evaluation.metrics import (
+    CONFUSION_FILE,
+    CONFUSION_NORM_FILE,
+    METRICS_FILE,
+    MISCLASSIFIED_FILE,
+    PR_FILE,
+    ROC_FILE,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+TEMPLATE = "report.html.j2"
+TRAINING_PLOT = Path("plots") / "training_curves.png"
+MAX_SKIPPED_LISTED = 50
+SPLIT_ORDER = ("train", "val", "test")
+# Row order of the metrics table; keys not listed here (e.g. top3_acc) follow in file order.
+METRIC_ORDER = (
+    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
+    "precision_weighted", "recall_weighted", "f1_weighted", "auc_macro", "log_loss", "ece",
+)
+SPLIT_PLOTS = (
+    (CONFUSION_FILE, "Confusion matrix"),
+    (CONFUSION_NORM_FILE, "Confusion matrix, normalised"),
+    (ROC_FILE, "ROC curves"),
+    (PR_FILE, "Precision-recall curves"),
+)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}); re-run the evaluation or delete the file.") from exc
+
+
+def _data_uri(path: Path) -> str | None:
+    """PNG file -> ``data:image/png;base64,...`` (None when the file is missing)."""
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def fmt(value: Any) -> str:
+    """Table cell text: floats to 4 decimals, ints as they are, missing as an em dash."""
+    if value is None or value == "":
+        return "\u2014"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "\u2014" if value != value else f"{value:.4f}"
+    return str(value)
+
+
+def fmt_seconds(value: Any) -> str:
+    """Duration in seconds -> '50.1 s', '3 min 20 s' or '1 h 02 min'."""
+    if not isinstance(value, (int, float)):
+        return fmt(value)
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _split_sort_key(name: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
+
+def _load_splits(run_dir: Path) -> list[dict[str, Any]]:
+    """Every eval/<split>/ holding a metrics.json, in train/val/test order."""
+    eval_dir = run_dir / "eval"
+    if not eval_dir.is_dir():
+        return []
+    splits = []
+    for split_dir in sorted((d for d in eval_dir.iterdir() if d.is_dir()), key=lambda d: _split_sort_key(d.name)):
+        if not (split_dir / METRICS_FILE).is_file():
+            continue
+        metrics = _read_json(split_dir / METRICS_FILE)
+        plots = [(title, uri) for name, title in SPLIT_PLOTS if (uri := _data_uri(split_dir / name))]
+        splits.append(
+            {
+                "name": split_dir.name,
+                "metrics": metrics,
+                "per_class": metrics.get("per_class") or {},
+                "plots": plots,
+                "misclassified": _data_uri(split_dir / MISCLASSIFIED_FILE),
+            }
+        )
+    return splits
+
+
+def _metric_rows(splits: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """Rows of (metric, value per split) for the scalar metrics of every split."""
+    keys: list[str] = []
+    for split in splits:
+        for key, value in split["metrics"].items():
+            if key not in keys and (value is None or isinstance(value, (int, float))):
+                keys.append(key)
+    order = {key: i for i, key in enumerate(METRIC_ORDER)}
+    # Known metrics first, then top-k and the rest in file order, the sample count last.
+    keys.sort(key=lambda k: (k == "n", order.get(k, len(order))))
+    return [(key, [split["metrics"].get(key) for split in splits]) for key in keys]
+
+
+def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
+    data = summary.get("data")
+    if not isinstance(data, dict):
+        return None
+    skipped_files = data.get("skipped_files") or []
+    return {
+        "layout": data.get("layout"),
+        "classes": data.get("classes") or [],
+        "counts": data.get("counts") or {},
+        "skipped": data.get("skipped") or {},
+        "skipped_files": skipped_files[:MAX_SKIPPED_LISTED],
+        "skipped_more": max(0, len(skipped_files) - MAX_SKIPPED_LISTED),
+    }
+
+
+def _render(context: dict[str, Any]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    env.filters["seconds"] = fmt_seconds
+    source = files("pixelmill.evaluation").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    return env.from_string(source).render(**context)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` from what the run directory holds; return its path."""
+    from pixelmill import __version__
+    from pixelmill.evaluation.plots import plot_training_curves
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"Run directory {run_dir} does not exist; pass a run path such as runs/<experiment>/<run>.")
+
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path) if summary_path.is_file() else {}
+    if not isinstance(summary, dict):
+        raise RunError(f"{summary_path} must hold a JSON object.")
+    config_path = run_dir / "config.yaml"
+    training_plot = plot_training_curves(run_dir / "metrics.csv", run_dir / TRAINING_PLOT)
+    splits = _load_splits(run_dir)
+
+    context = {
+        "run_name": summary.get("run_name") or run_dir.name,
+        "run_dir": str(run_dir),
+        "summary": summary,
+        "best": summary.get("best") if isinstance(summary.get("best"), dict) else None,
+        "durations": summary.get("durations") if isinstance(summary.get("durations"), dict) else {},
+        "versions": summary.get("versions") if isinstance(summary.get("versions"), dict) else {},
+        "data": _data_context(summary),
+        "training_plot": _data_uri(training_plot) if training_plot else None,
+        "splits": splits,
+        "metric_rows": _metric_rows(splits),
+        "has_misclassified": any(s["misclassified"] for s in splits),
+        "config_text": config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+    }
+    out = run_dir / REPORT_FILE
+    out.write_text(_render(context), encoding="utf-8")
+    log.info("Report written to %s", out)
+    return out

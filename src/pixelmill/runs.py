@@ -1,0 +1,108 @@
+"""Run directories: layout, naming, the summary file, listing and comparing.
+
+A run directory is the source of truth for one run; trackers mirror it::
+
+    runs/<experiment>/<run>/
+        config.yaml  summary.json  metrics.csv  train.log
+        checkpoints/best.ckpt  checkpoints/last.ckpt
+        eval/<split>/...  plots/  report.html
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pixelmill.errors import RunError
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+
+
+def default_run_name() -> str:
+    """A sortable, unique name: ``20261123-101500-3fa2``."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into ``summary.json`` (atomically) and return the result."""
+    summary = read_summary(run_dir)
+    summary.update(fields)
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run directory that exists and holds a config, or a ``RunError`` saying what is wrong."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        raise RunError(f"run directory '{run_dir}' does not exist; list runs with 'pixelmill runs list'")
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"'{run_dir}' is not a pixelmill run directory (no {CONFIG})")
+    return run_dir
+
+
+def checkpoint_path(run_dir: Path, which: str = "best") -> Path:
+    """``best``, ``last`` or a path -> an existing checkpoint file."""
+    path = Path(run_dir) / CHECKPOINTS / f"{which}.ckpt" if which in ("best", "last") else Path(which)
+    if not path.is_file():
+        raise RunError(f"no checkpoint '{which}' at '{path}'; the run may not have finished an epoch yet")
+    return path
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(summary: dict[str, Any]) -> str:
+    """finished / failed / interrupted / running, or killed for a running run whose process is gone."""
+    status = summary.get("status", "unknown")
+    if status == "running" and not _pid_alive(summary.get("pid")):
+        return "killed"
+    return status
+
+
+def list_runs(output_dir: str | Path = "runs", experiment: str | None = None) -> list[Path]:
+    """Run directories under ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    pattern = f"{experiment}/*/{CONFIG}" if experiment else f"*/*/{CONFIG}"
+    return sorted((p.parent for p in root.glob(pattern)), key=lambda p: (p.stat().st_mtime, str(p)))

@@ -1,0 +1,57 @@
+"""Callbacks pixelmill adds to Lightning's: the per-epoch history of a run."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from pixelmill import runs
+
+
+class RunHistory(Callback):
+    """One row of metrics per finished epoch, written to ``metrics.csv`` and ``summary.json``.
+
+    The rows live in the checkpoint too (``state_dict``), so after a kill and a resume the
+    history is exactly the checkpoint's: no gap and no repeated epoch.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self.write()
+            runs.update_summary(self.run_dir, epochs_completed=trainer.current_epoch + 1, last_epoch_metrics=row)
+
+    def write(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        runs.write_atomic(self.run_dir / runs.METRICS, buf.getvalue())
+
+    def best(self, monitor: str, mode: str) -> dict[str, float] | None:
+        """The row with the best ``monitor`` value (first one on ties)."""
+        rows = [r for r in self.rows if monitor in r]
+        if not rows:
+            return None
+        pick = max if mode == "max" else min
+        return pick(rows, key=lambda r: r[monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]

@@ -1,0 +1,314 @@
+"""``train(cfg)`` and ``resume(run_dir)``: from a config to a finished, evaluated run directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from pixelmill import __version__, runs
+from pixelmill.config import flatten, load_saved, parse_override, to_yaml, validate
+from pixelmill.data.preprocess import Preprocessing
+from pixelmill.errors import ConfigError, DataError, RunError
+
+log = logging.getLogger(__name__)
+
+# Keys a resume may change: it continues the same experiment, only longer or quieter.
+RESUMABLE_OVERRIDES = ("trainer.max_epochs", "trainer.progress_bar", "trainer.early_stopping_patience", "data.num_workers")
+
+
+@dataclass
+class RunResult:
+    """What a finished ``train`` or ``resume`` hands back."""
+
+    run_dir: Path
+    status: str
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, Any] | None = None
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import timm
+    import torch
+
+    return {
+        "pixelmill": __version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_preprocessing(cfg: DictConfig, net) -> Preprocessing:
+    """The model's preprocessing (timm ``pretrained_cfg`` style), with config overrides applied."""
+    from pixelmill.models import model_data_config
+
+    defaults = model_data_config(net, cfg.model.name)
+    interpolation = cfg.data.interpolation or defaults.get("interpolation", "bilinear")
+    return Preprocessing(
+        channels=cfg.model.in_chans,
+        size=int(cfg.data.image_size or defaults["input_size"][-1]),
+        crop_pct=float(cfg.data.crop_pct or defaults.get("crop_pct", 1.0)),
+        interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
+        mean=tuple(defaults["mean"]),
+        std=tuple(defaults["std"]),
+    )
+
+
+def class_weights(counts: list[int]) -> list[float]:
+    """``n / (C * count)`` per class: the 'balanced' weighting of scikit-learn."""
+    total, n = sum(counts), len(counts)
+    return [total / (n * max(c, 1)) for c in counts]
+
+
+def _scan(cfg: DictConfig):
+    from pixelmill.data.scan import scan_images
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set; pass data.path=DIR (one sub-folder per class) or a CSV manifest")
+    scan = scan_images(
+        cfg.data.path, layout=cfg.data.layout, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed
+    )
+    if not scan.splits.get("val"):
+        raise DataError("no validation images: add a val/ folder or set data.val_ratio above 0")
+    return scan
+
+
+def _build_net(cfg: DictConfig, num_classes: int, fresh: bool = False):
+    from pixelmill.models import create_model
+
+    return create_model(
+        cfg.model.name,
+        num_classes,
+        pretrained=cfg.model.pretrained and not fresh,
+        weights=None if fresh else cfg.model.weights,
+        in_chans=cfg.model.in_chans,
+        drop_rate=cfg.model.drop_rate,
+        freeze_backbone=cfg.model.freeze_backbone,
+    )
+
+
+def _new_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.run_name or runs.default_run_name()
+    run_dir = Path(cfg.output_dir) / cfg.experiment / name
+    if (run_dir / runs.CONFIG).exists():
+        raise RunError(f"run '{run_dir}' exists already; continue it with resume={run_dir} or pick another run_name")
+    try:
+        (run_dir / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); set output_dir to a writable folder") from None
+    return run_dir
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Train a classifier from ``cfg`` into a new run directory (or resume one with ``cfg.resume``)."""
+    if cfg.resume:
+        return resume(cfg.resume)
+    started = time.time()
+    scan = _scan(cfg)
+    net = _build_net(cfg, len(scan.classes))
+    prep = resolve_preprocessing(cfg, net)
+    run_dir = _new_run_dir(cfg)
+    runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
+    runs.update_summary(
+        run_dir,
+        run_name=run_dir.name,
+        experiment=cfg.experiment,
+        model=cfg.model.name,
+        status="created",
+        created_at=runs.now_iso(),
+        classes=scan.classes,
+        preprocessing=prep.to_dict(),
+        data=scan.to_summary(),
+        versions=versions(),
+        durations={"scan_s": round(time.time() - started, 3)},
+    )
+    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=None)
+
+
+def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
+    """Continue a stopped run from ``checkpoints/last.ckpt`` in the same run directory."""
+    run_dir = runs.resolve_run_dir(run_dir)
+    cfg = load_saved(run_dir / runs.CONFIG)
+    for key, value in (parse_override(o) for o in overrides):
+        if key not in RESUMABLE_OVERRIDES:
+            raise ConfigError(f"'{key}' cannot change on resume (only {', '.join(RESUMABLE_OVERRIDES)}); start a new run instead")
+        OmegaConf.update(cfg, key, value)
+    validate(cfg)
+    ckpt = runs.checkpoint_path(run_dir, "last")
+    summary = runs.read_summary(run_dir)
+    scan = _scan(cfg)
+    if scan.fingerprint != summary.get("data", {}).get("fingerprint"):
+        log.warning("the data under %s changed since this run started; resuming on the files as they are now", cfg.data.path)
+    if scan.classes != summary.get("classes"):
+        raise DataError(f"the classes changed since this run started ({summary.get('classes')} -> {scan.classes}); start a new run")
+    net = _build_net(cfg, len(scan.classes), fresh=True)
+    prep = Preprocessing.from_dict(summary["preprocessing"])
+    runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
+    log.info("resuming %s from %s", run_dir, ckpt)
+    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=ckpt)
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+
+    from pixelmill.training.callbacks import RunHistory
+
+    t = cfg.trainer
+    callbacks: list = [
+        RunHistory(run_dir),
+        ModelCheckpoint(
+            dirpath=run_dir / runs.CHECKPOINTS,
+            filename="best",
+            monitor=t.monitor,
+            mode=t.mode,
+            save_top_k=1,
+            save_last=True,
+            save_on_train_epoch_end=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+    ]
+    if t.early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.mode, patience=t.early_stopping_patience, check_on_train_epoch_end=True))
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    return callbacks
+
+
+def _module(cfg: DictConfig, net, scan):
+    from pixelmill.training.module import ClassificationModule
+
+    counts = [scan.class_counts("train").get(c, 0) for c in scan.classes]
+    return ClassificationModule(
+        net,
+        num_classes=len(scan.classes),
+        optim=OmegaConf.to_container(cfg.optim),
+        scheduler=OmegaConf.to_container(cfg.scheduler),
+        monitor=cfg.trainer.monitor,
+        mode=cfg.trainer.mode,
+        class_weights=class_weights(counts) if cfg.model.class_weights == "auto" else None,
+        label_smoothing=cfg.model.label_smoothing,
+        mixup_alpha=cfg.data.augment.mixup_alpha,
+        cutmix_alpha=cfg.data.augment.cutmix_alpha,
+        seed=cfg.seed,
+    )
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
+    import lightning as L
+
+    from pixelmill.training.checkpoint import AtomicCheckpointIO
+
+    t = cfg.trainer
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        deterministic=t.deterministic,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+class _RunLog:
+    """Mirror pixelmill's and Lightning's log records into ``train.log`` for the run's duration."""
+
+    def __init__(self, run_dir: Path):
+        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.loggers = [logging.getLogger(n) for n in ("pixelmill", "lightning.pytorch", "lightning.fabric")]
+
+    def __enter__(self) -> _RunLog:
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+            if logger.level == logging.NOTSET or logger.level > logging.INFO:
+                logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_path: Path | None) -> RunResult:
+    import lightning as L
+
+    from pixelmill.data.datamodule import ImageDataModule
+    from pixelmill.tracking import build_loggers, log_params, tracker_ids
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    summary = runs.read_summary(run_dir)
+    with _RunLog(run_dir):
+        loggers = build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers"))
+        log_params(loggers, flatten(cfg))
+        callbacks = _callbacks(cfg, run_dir)
+        trainer = _trainer(cfg, run_dir, callbacks, loggers)
+        module = _module(cfg, net, scan)
+        datamodule = ImageDataModule(scan, prep, cfg.data, cfg.seed)
+        runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracker_ids(loggers))
+        fit_start = time.time()
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except BaseException as exc:
+            runs.update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
+            raise
+        fit_s = time.time() - fit_start
+        history = callbacks[0]
+        status = "interrupted" if trainer.interrupted else "finished"
+        best = history.best(cfg.trainer.monitor, cfg.trainer.mode)
+        durations = {**runs.read_summary(run_dir).get("durations", {}), "fit_s": round(fit_s, 3)}
+        runs.update_summary(
+            run_dir,
+            best={"epoch": int(best["epoch"]), "metrics": best} if best else None,
+            durations=durations,
+        )
+        test_metrics = None
+        if status == "finished" and trainer.is_global_zero:
+            test_metrics = _evaluate_after_fit(cfg, run_dir, scan, net, prep)
+        runs.update_summary(run_dir, status=status, finished_at=runs.now_iso(), pid=None)
+    return RunResult(
+        run_dir=run_dir,
+        status=status,
+        best_epoch=int(best["epoch"]) if best else None,
+        best_metrics=best or {},
+        test_metrics=test_metrics,
+    )
+
+
+def _evaluate_after_fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing) -> dict[str, Any] | None:
+    """Evaluate the best checkpoint on the test split (when there is one)."""
+    from pixelmill.evaluation.evaluate import evaluate_loaded
+
+    if not scan.splits.get("test"):
+        log.info("no test split; skipping the final evaluation")
+        return None
+    from pixelmill.training.checkpoint import load_net
+
+    load_net(net, runs.checkpoint_path(run_dir, "best"))
+    return evaluate_loaded(run_dir, net, scan, prep, "test", list(cfg.eval.top_k), cfg.data)

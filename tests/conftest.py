@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real datasets, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "WEBP": ".webp"}
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sklearn digits as PNG class folders: <root>/{train,val,test}/<digit>/<index>.png (32x32 'L')."""
+    from pixelmill.data.demo import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root, seed=0, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder_factory() -> Callable[..., Path]:
+    """Return ``make(root, classes, size=(32, 32), mode="RGB", fmt="PNG", seed=0) -> root``.
+
+    Writes ``classes[name]`` images per class as ``root/<name>/<i:03d>.<ext>``. Each class
+    has its own base colour plus seeded noise, so a model can learn it.
+    """
+
+    def make(
+        root: str | Path,
+        classes: dict[str, int],
+        size: tuple[int, int] = (32, 32),
+        mode: str = "RGB",
+        fmt: str = "PNG",
+        seed: int = 0,
+    ) -> Path:
+        root = Path(root)
+        rng = np.random.default_rng(seed)
+        width, height = size
+        for k, (name, count) in enumerate(classes.items()):
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([(k * 67 + 30) % 256, (k * 131 + 60) % 256, (k * 29 + 90) % 256], dtype=np.int16)
+            for i in range(count):
+                noise = rng.integers(-30, 31, size=(height, width, 3), dtype=np.int16)
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i:03d}{_SUFFIX[fmt.upper()]}", format=fmt)
+        return root
+
+    return make
