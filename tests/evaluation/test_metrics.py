@@ -172,8 +172,8 @@ def _assert_png(path, min_side=300):
 
 def test_write_evaluation_writes_every_file(tmp_path, digits):
     y, probs, ids = digits["y"], digits["probs"], digits["ids"]
-    metrics = write_evaluation(tmp_path / "eval" / "test", y, probs, CLASS_NAMES, ids, images=digits["images"].__getitem__)
     out = tmp_path / "eval" / "test"
+    metrics = write_evaluation(out, y, probs, CLASS_NAMES, ids, images=digits["images"].__getitem__)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert "macro avg" in (out / "classification_report.txt").read_text()
 

@@ -93,7 +93,11 @@ def run_dir(tmp_path_factory) -> Path:
         "run_name": "digits-small_cnn-001",
         "status": "finished",
         "model": "small_cnn",
-        "best": {"epoch": 3, "metrics": {"val/acc": 0.8731, "val/loss": 0.4125}},
+        "experiment": "digits",
+        "best": {
+            "epoch": 3,
+            "metrics": {"epoch": 3, "step": 159, "val/acc": 0.87314, "val/loss": 0.4125, "lr-AdamW": 0.000125},
+        },
         "data": {
             "layout": "split",
             "classes": CLASS_NAMES,
@@ -148,6 +152,7 @@ def test_report_shows_run_data_and_metrics(report, run_dir):
         assert f"{test_metrics[key]:.4f}" in html and f"{val_metrics[key]:.4f}" in html
     assert f"{test_metrics['per_class']['digit 7']['f1']:.4f}" in html
     assert "max_epochs: 5" in html
+    assert "0.8731" in html and "1.250e-04" in html  # best-epoch metrics, the learning rate not shown as 0.0000
 
 
 def test_report_escapes_text(report):
@@ -157,8 +162,12 @@ def test_report_escapes_text(report):
 
 
 def test_report_skips_missing_sections(tmp_path):
-    (tmp_path / "summary.json").write_text(json.dumps({"run_name": "bare", "status": "failed"}))
-    page = _parse(write_report(tmp_path).read_text(encoding="utf-8"))
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"run_name": "bare", "status": "failed", "error": "RuntimeError: CUDA out of memory"})
+    )
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "bare" in html and "CUDA out of memory" in html
+    page = _parse(html)
     assert "summary" in page.ids
     assert not set(page.ids) & {"data", "training", "metrics", "per-class", "plots", "misclassified", "config"}
     assert page.img_srcs == []

@@ -116,7 +116,7 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5])
-    splits: list[str] = field(default_factory=lambda: ["test"])
+    splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
 
 
 @dataclass

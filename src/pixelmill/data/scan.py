@@ -69,7 +69,11 @@ class BadFile:
 
 @dataclass
 class ScanResult:
-    """Verified files per split; ``splits[split]`` holds (absolute path, class index) sorted by path."""
+    """Verified files per split; ``splits[split]`` holds (absolute path, class index) sorted by path.
+
+    ``root`` is the data folder (for a CSV manifest: the manifest's folder); ``layout`` is the
+    detected one, never "auto"; ``classes[i]`` is the name of class index ``i``.
+    """
 
     root: str
     layout: str
@@ -139,7 +143,8 @@ def scan_images(
     started = time.perf_counter()
     root, classes, found = _FINDERS[layout](target)
     if not found:
-        raise DataError(f"no images found in '{target}'; expected {_LAYOUT_HINT[layout]} ({', '.join(IMAGE_EXTENSIONS)})")
+        kinds = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"no images found in '{target}'; expected {_LAYOUT_HINT[layout]} ({kinds})")
     if len(classes) < 2:
         raise DataError(
             f"need at least 2 classes, found {len(classes)} ({', '.join(classes)}) in '{target}'; "
@@ -247,12 +252,14 @@ def _find_csv(manifest: str) -> tuple[str, list[str], list[_Found]]:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
             rows = _read_manifest(manifest, root, fh)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read manifest '{manifest}' ({exc}); save it as a UTF-8 CSV with header path,label")
+        raise DataError(
+            f"cannot read manifest '{manifest}' ({exc}); save it as a UTF-8 CSV with header path,label"
+        ) from None
     unique = {}
     for row in rows:
         unique.setdefault(row.path, row)
     if len(unique) < len(rows):
-        logger.warning("manifest '%s' lists %d path(s) more than once; kept the first", manifest, len(rows) - len(unique))
+        logger.warning("manifest '%s' lists %d path(s) twice; kept the first", manifest, len(rows) - len(unique))
     found = sorted(unique.values())
     has_split = any(f.split is not None for f in found)
     classes = sorted({f.label for f in found if not has_split or f.split == "train"})
@@ -276,13 +283,17 @@ def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
     for row in reader:
         rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not rel or not label:
-            raise DataError(f"manifest '{manifest}' line {reader.line_num} has an empty path or label; fill it or delete the row")
+            raise DataError(
+                f"manifest '{manifest}' line {reader.line_num} has an empty path or label; fill it or delete the row"
+            )
         split = None
         if "split" in header:
             value = (row.get("split") or "").strip().lower()
             split = _SPLIT_OF.get(value)
             if split is None:
-                raise DataError(f"manifest '{manifest}' line {reader.line_num} has split '{value}'; use train, val or test")
+                raise DataError(
+                    f"manifest '{manifest}' line {reader.line_num} has split '{value}'; use train, val or test"
+                )
         rows.append(_Found(os.path.abspath(os.path.join(root, rel)), label, split))
     return rows
 
@@ -506,7 +517,7 @@ def _holdout_per_class(positions: list[int], labels: list, count: int, seed: int
         members = [by_class[name][i] for i in rng.permutation(len(by_class[name]))]
         held += members[:n]
         kept += members[n:]
-    logger.info("a class is too small for a stratified split; held out %d of %d images class by class", len(held), len(positions))
+    logger.info("a class is too small to stratify; held out %d of %d class by class", len(held), len(positions))
     return kept, held
 
 
@@ -514,7 +525,8 @@ def _fingerprint(good: list[tuple[_Found, str]], root: str) -> str:
     """sha256 over sorted (relative path, label, file sha256) of the good files; first 16 hex chars."""
     digest = hashlib.sha256()
     for rel, label, file_sha in sorted((_relative(f.path, root), f.label, sha) for f, sha in good):
-        digest.update(os.fsencode(rel) + b"\0" + label.encode("utf-8", "surrogateescape") + b"\0" + file_sha.encode() + b"\n")
+        label_bytes = label.encode("utf-8", "surrogateescape")
+        digest.update(os.fsencode(rel) + b"\0" + label_bytes + b"\0" + file_sha.encode() + b"\n")
     return digest.hexdigest()[:16]
 
 

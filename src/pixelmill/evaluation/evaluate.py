@@ -32,7 +32,6 @@ def evaluate_loaded(run_dir: Path, net, scan, prep: Preprocessing, split: str, t
     """Evaluate ``net`` on one split of ``scan``; write outputs, update summary and report."""
     from pixelmill.data.datamodule import ImageDataModule
     from pixelmill.evaluation.metrics import write_evaluation
-    from pixelmill.evaluation.report import write_report
 
     loader = ImageDataModule(scan, prep, data_cfg, seed=0).eval_loader(split)
     y_true, probs = predict_probs(net, loader)
@@ -49,6 +48,60 @@ def evaluate_loaded(run_dir: Path, net, scan, prep: Preprocessing, split: str, t
     evals = runs.read_summary(run_dir).get("eval", {})
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)
-    write_report(Path(run_dir))
     log.info("%s: accuracy %.4f, macro F1 %.4f on %d images", split, metrics["accuracy"], metrics["f1_macro"], len(y_true))
     return metrics
+
+
+def _folder_scan(data: Path, split: str, classes: list[str], seed: int):
+    """Scan any image folder and map its class names onto the run's class indices."""
+    import dataclasses
+
+    from pixelmill.data.scan import scan_images
+    from pixelmill.errors import DataError
+
+    scan = scan_images(data, val_ratio=0.0, test_ratio=0.0, seed=seed)
+    unknown = sorted(set(scan.classes) - set(classes))
+    if unknown:
+        raise DataError(f"'{data}' has classes the model was not trained on: {', '.join(unknown)} (known: {', '.join(classes)})")
+    has_split = scan.layout == "split" and scan.splits.get(split)
+    items = scan.splits[split] if has_split else [item for part in scan.splits.values() for item in part]
+    remap = {i: classes.index(name) for i, name in enumerate(scan.classes)}
+    name = split if has_split else Path(data).resolve().name
+    return dataclasses.replace(scan, classes=list(classes), splits={name: [(p, remap[y]) for p, y in items]}), name
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", data: str | Path | None = None, checkpoint: str = "best"
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate a trained run's checkpoint on one of its splits or on another image folder.
+
+    Returns the metrics and the folder they were written to (``RUN_DIR/eval/<name>``).
+    """
+    from pixelmill.config import load_saved
+    from pixelmill.errors import ConfigError, DataError
+    from pixelmill.evaluation.report import write_report
+    from pixelmill.models import create_model
+    from pixelmill.training.checkpoint import load_net
+    from pixelmill.training.fit import _scan
+
+    run_dir = runs.resolve_run_dir(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"bad split '{split}'; choose one of: train, val, test")
+    cfg = load_saved(run_dir / runs.CONFIG)
+    summary = runs.read_summary(run_dir)
+    classes = summary.get("classes")
+    if not classes or "preprocessing" not in summary:
+        raise DataError(f"'{run_dir}' has no class list in summary.json; it never started training")
+    prep = Preprocessing.from_dict(summary["preprocessing"])
+    if data is not None:
+        scan, name = _folder_scan(Path(data), split, classes, cfg.seed)
+    else:
+        scan, name = _scan(cfg), split
+        if scan.classes != classes:
+            raise DataError(f"the classes under {cfg.data.path} changed since training ({classes} -> {scan.classes})")
+        if not scan.splits.get(split):
+            raise DataError(f"the run's data has no '{split}' images; pick --split val or pass --data FOLDER")
+    net = load_net(create_model(cfg.model.name, len(classes), in_chans=prep.channels), runs.checkpoint_path(run_dir, checkpoint))
+    metrics = evaluate_loaded(run_dir, net, scan, prep, name, list(cfg.eval.top_k), cfg.data)
+    write_report(run_dir)
+    return metrics, run_dir / "eval" / name

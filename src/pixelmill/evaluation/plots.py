@@ -23,6 +23,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pixelmill.errors import PixelmillError
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -298,7 +300,7 @@ def plot_misclassified(
     for ax, i in zip(axes.flat, chosen):
         try:
             _show_image(ax, load_image(sample_ids[i]))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, PixelmillError) as exc:
             log.warning("Cannot load %s for the misclassified grid: %s", sample_ids[i], exc)
             ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=8)
         ax.set_title(_caption(class_names[y[i]], class_names[pred[i]], confidence[i]), fontsize=8, color="#b00020")

@@ -61,7 +61,7 @@ def _data_uri(path: Path) -> str | None:
 
 
 def fmt(value: Any) -> str:
-    """Table cell text: floats to 4 decimals, ints as they are, missing as an em dash."""
+    """Table cell text: floats to 4 decimals (tiny ones in e-notation), ints with separators, None as a dash."""
     if value is None or value == "":
         return "\u2014"
     if isinstance(value, bool):
@@ -69,7 +69,10 @@ def fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return "\u2014" if value != value else f"{value:.4f}"
+        if value != value:
+            return "\u2014"
+        # learning rates and the like would all read 0.0000
+        return f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     return str(value)
 
 
@@ -168,11 +171,13 @@ def write_report(run_dir: Path) -> Path:
     training_plot = plot_training_curves(run_dir / "metrics.csv", run_dir / TRAINING_PLOT)
     splits = _load_splits(run_dir)
 
+    best = summary.get("best") if isinstance(summary.get("best"), dict) else None
     context = {
         "run_name": summary.get("run_name") or run_dir.name,
         "run_dir": str(run_dir),
         "summary": summary,
-        "best": summary.get("best") if isinstance(summary.get("best"), dict) else None,
+        "best": best,
+        "best_metrics": {k: v for k, v in ((best or {}).get("metrics") or {}).items() if k not in ("epoch", "step")},
         "durations": summary.get("durations") if isinstance(summary.get("durations"), dict) else {},
         "versions": summary.get("versions") if isinstance(summary.get("versions"), dict) else {},
         "data": _data_context(summary),

@@ -116,8 +116,11 @@ def train(cfg: DictConfig) -> RunResult:
     """Train a classifier from ``cfg`` into a new run directory (or resume one with ``cfg.resume``)."""
     if cfg.resume:
         return resume(cfg.resume)
+    from lightning import seed_everything
+
     started = time.time()
     scan = _scan(cfg)
+    seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
     net = _build_net(cfg, len(scan.classes))
     prep = resolve_preprocessing(cfg, net)
     run_dir = _new_run_dir(cfg)
@@ -175,9 +178,17 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             monitor=t.monitor,
             mode=t.mode,
             save_top_k=1,
-            save_last=True,
             save_on_train_epoch_end=True,
             auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        # Lightning's save_last only follows a top-k save; resume needs every epoch.
+        ModelCheckpoint(
+            dirpath=run_dir / runs.CHECKPOINTS,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
             enable_version_counter=False,
         ),
     ]
@@ -292,6 +303,10 @@ def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_pa
         if status == "finished" and trainer.is_global_zero:
             test_metrics = _evaluate_after_fit(cfg, run_dir, scan, net, prep)
         runs.update_summary(run_dir, status=status, finished_at=runs.now_iso(), pid=None)
+        if trainer.is_global_zero:
+            from pixelmill.evaluation.report import write_report
+
+            write_report(run_dir)
     return RunResult(
         run_dir=run_dir,
         status=status,
@@ -302,13 +317,17 @@ def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_pa
 
 
 def _evaluate_after_fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing) -> dict[str, Any] | None:
-    """Evaluate the best checkpoint on the test split (when there is one)."""
-    from pixelmill.evaluation.evaluate import evaluate_loaded
+    """Evaluate the best checkpoint on each split in ``eval.splits`` that has images.
 
-    if not scan.splits.get("test"):
-        log.info("no test split; skipping the final evaluation")
-        return None
+    Returns the test metrics (or those of the last split evaluated), None when nothing ran.
+    """
+    from pixelmill.evaluation.evaluate import evaluate_loaded
     from pixelmill.training.checkpoint import load_net
 
+    splits = [s for s in cfg.eval.splits if scan.splits.get(s)]
+    if not splits:
+        log.info("no split to evaluate (eval.splits=%s)", list(cfg.eval.splits))
+        return None
     load_net(net, runs.checkpoint_path(run_dir, "best"))
-    return evaluate_loaded(run_dir, net, scan, prep, "test", list(cfg.eval.top_k), cfg.data)
+    results = {s: evaluate_loaded(run_dir, net, scan, prep, s, list(cfg.eval.top_k), cfg.data) for s in splits}
+    return results.get("test", results[splits[-1]])

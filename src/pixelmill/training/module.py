@@ -70,9 +70,17 @@ class ClassificationModule(L.LightningModule):
         return F.cross_entropy(logits, target, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing)
 
     def on_train_epoch_start(self) -> None:
+        # A frozen backbone keeps its BatchNorm statistics frozen too (timm's freeze semantics).
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout, mixup and friends draw from the global RNG: make it a function of the
-        # epoch alone, so a run resumed at an epoch boundary continues bit for bit.
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch + 1)
+        # epoch alone, so a run resumed at an epoch boundary continues bit for bit. (At the
+        # first batch, not at epoch start: creating the loader's iterator draws from it too.)
+        if batch_idx == 0:
+            torch.manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch + 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
