@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import fast_train_overrides
+
 _SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "WEBP": ".webp"}
 
 
@@ -52,3 +54,18 @@ def image_folder_factory() -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real finished run directory (small CNN on digits, 3 short epochs, test split evaluated).
+
+    Shared by evaluation, export, predict and serving tests: treat it as read-only.
+    """
+    from pixelmill.config import load_config
+    from pixelmill.training.fit import train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(load_config(fast_train_overrides(digits_root, out / "runs", "run_name=shared", epochs=3)))
+    assert result.status == "finished"
+    return result.run_dir

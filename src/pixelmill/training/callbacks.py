@@ -25,12 +25,23 @@ class RunHistory(Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Recorded now, so this epoch's checkpoint (saved right after) holds the row; the
+        # files are written once that checkpoint exists (next epoch start or train end), so
+        # a row in metrics.csv always has a checkpoint to resume from.
         row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
         self.rows.append(row)
-        if trainer.is_global_zero:
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero and self.rows:
             self.write()
-            runs.update_summary(self.run_dir, epochs_completed=trainer.current_epoch + 1, last_epoch_metrics=row)
+            runs.update_summary(self.run_dir, epochs_completed=int(self.rows[-1]["epoch"]) + 1, last_epoch_metrics=self.rows[-1])
 
     def write(self) -> None:
         columns: list[str] = []
