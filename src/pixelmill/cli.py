@@ -19,6 +19,8 @@ from pixelmill.errors import PixelmillError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate, export and serve image and tabular classifiers.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets and data checks.")
 app.add_typer(data_app, name="data")
+runs_app = typer.Typer(no_args_is_help=True, help="List, show and compare run directories.")
+app.add_typer(runs_app, name="runs")
 
 console = Console()
 err = Console(stderr=True)
@@ -163,6 +165,58 @@ def evaluate(
     rows = [(k, _fmt(metrics.get(k))) for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "auc_macro", "log_loss", "ece")]
     rows.append(("written to", str(out)))
     console.print(_metrics_table(f"evaluation of {run_dir}", rows))
+
+
+_RUN_COLUMNS = ("run", "experiment", "model", "status", "epochs", "best_epoch", "val/acc", "val/f1_macro", "test/acc", "fit_s")
+
+
+@runs_app.command("list")
+def runs_list(
+    experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+    output_dir: Path = typer.Option(Path("runs"), help="Where runs live (the config's output_dir)."),
+) -> None:
+    """One line per run: status (finished, failed, interrupted, killed), best metrics, duration."""
+    from pixelmill import runs
+
+    table = Table(title=f"runs under {output_dir}")
+    for column in _RUN_COLUMNS:
+        table.add_column(column, justify="right" if column not in ("run", "experiment", "model", "status") else "left")
+    for run_dir in runs.list_runs(output_dir, experiment):
+        row = runs.describe(run_dir)
+        table.add_row(*[_fmt(row[c]) if row[c] is not None else "" for c in _RUN_COLUMNS])
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
+    """A run's status, metrics and full config."""
+    from pixelmill import runs
+
+    run_dir = runs.resolve_run_dir(run_dir)
+    row = runs.describe(run_dir)
+    console.print(_metrics_table(str(run_dir), [(k, _fmt(v)) for k, v in row.items() if v is not None]))
+    console.print(_metrics_table("config", [(k, _fmt(v)) for k, v in runs.params(run_dir).items()]))
+
+
+@runs_app.command("compare")
+def runs_compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run directories.")) -> None:
+    """Metrics side by side, and every config key whose value differs between the runs."""
+    from pixelmill import runs
+
+    dirs = [runs.resolve_run_dir(d) for d in run_dirs]
+    rows, configs = [runs.describe(d) for d in dirs], [runs.params(d) for d in dirs]
+    table = Table(title="comparison")
+    table.add_column("")
+    for d in dirs:
+        table.add_column(d.name, justify="right")
+    for key in _RUN_COLUMNS[2:]:
+        table.add_row(key, *[_fmt(r[key]) if r[key] is not None else "" for r in rows])
+    keys = sorted({k for c in configs for k in c})
+    for key in keys:
+        values = [c.get(key) for c in configs]
+        if any(v != values[0] for v in values):
+            table.add_row(f"[bold]{key}[/]", *[_fmt(v) for v in values])
+    console.print(table)
 
 
 def main() -> None:

@@ -106,3 +106,39 @@ def list_runs(output_dir: str | Path = "runs", experiment: str | None = None) ->
     root = Path(output_dir)
     pattern = f"{experiment}/*/{CONFIG}" if experiment else f"*/*/{CONFIG}"
     return sorted((p.parent for p in root.glob(pattern)), key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def describe(run_dir: Path) -> dict[str, Any]:
+    """One row for run tables: identity, status, best and test metrics, duration."""
+    summary = read_summary(run_dir)
+    best = (summary.get("best") or {}).get("metrics", {})
+    test = (summary.get("eval") or {}).get("test", {})
+    durations = summary.get("durations", {})
+    return {
+        "run": Path(run_dir).name,
+        "experiment": summary.get("experiment", Path(run_dir).parent.name),
+        "model": summary.get("model", ""),
+        "status": run_status(summary),
+        "epochs": summary.get("epochs_completed", 0),
+        "best_epoch": (summary.get("best") or {}).get("epoch"),
+        "val/acc": best.get("val/acc"),
+        "val/f1_macro": best.get("val/f1_macro"),
+        "test/acc": test.get("accuracy"),
+        "test/f1_macro": test.get("f1_macro"),
+        "fit_s": durations.get("fit_s"),
+    }
+
+
+def params(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config, flattened (``optim.lr`` -> 0.003)."""
+    import yaml
+
+    def walk(node: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.", out)
+        else:
+            out[prefix[:-1]] = node
+        return out
+
+    return walk(yaml.safe_load((Path(run_dir) / CONFIG).read_text()) or {}, "", {})

@@ -1,9 +1,19 @@
-"""Lightning loggers from the config: CSV, TensorBoard, MLflow and Weights & Biases."""
+"""Experiment trackers: Lightning's CSV, TensorBoard, MLflow and W&B loggers, fed alike.
+
+Every tracker gets the same things under the same names: the flattened config as params,
+the run's tags, one row of metrics per finished epoch (step = epoch), and the run
+directory's files as artifacts. Epoch rows reach the trackers from ``RunHistory`` only
+after that epoch's checkpoint exists, so a killed and resumed run has no gap and no
+repeated step in any tracker.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +22,42 @@ from lightning.pytorch.loggers import Logger
 from pixelmill.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Files of a run directory that trackers keep as artifacts (when they exist).
+ARTIFACTS = ("config.yaml", "summary.json", "metrics.csv", "report.html", "schema.json", "eval", "plots", "checkpoints/best.ckpt", "bundle")
+
+
+def _quick_mlflow_http() -> None:
+    # An unreachable server must fail in seconds, not after minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _artifact_uri(location: str | None) -> str | None:
+    if location and "://" not in location:
+        return Path(location).resolve().as_uri()
+    return location
+
+
+def check_trackers(cfg) -> None:
+    """Fail before any training when a chosen tracker cannot work (unreachable store, missing package)."""
+    if "mlflow" in cfg.logger:
+        _quick_mlflow_http()
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking.mlflow.uri
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"cannot reach the MLflow tracking store '{uri}' ({reason}); fix tracking.mlflow.uri or drop mlflow from logger"
+            ) from None
+    if "wandb" in cfg.logger:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logger 'wandb' needs the wandb package: pip install 'pixelmill[wandb]'") from None
 
 
 def _csv(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
@@ -29,36 +75,22 @@ def _tensorboard(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logg
 def _mlflow(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
     from lightning.pytorch.loggers import MLFlowLogger
 
-    uri = cfg.tracking.mlflow.uri
-    artifacts = cfg.tracking.mlflow.artifact_location
-    if artifacts and "://" not in artifacts:
-        artifacts = Path(artifacts).resolve().as_uri()
-    # An unreachable server must fail now, in seconds, not after training.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _quick_mlflow_http()
     logger = MLFlowLogger(
         experiment_name=cfg.experiment,
         run_name=run_name,
-        tracking_uri=uri,
-        artifact_location=artifacts,
+        tracking_uri=cfg.tracking.mlflow.uri,
+        artifact_location=_artifact_uri(cfg.tracking.mlflow.artifact_location),
         run_id=ids.get("mlflow"),
     )
-    try:
-        _ = logger.run_id
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"cannot reach the MLflow tracking store '{uri}' ({reason}); fix tracking.mlflow.uri or drop mlflow from logger"
-        ) from None
+    if ids.get("mlflow"):
+        logger.experiment.update_run(ids["mlflow"], status="RUNNING")  # a resumed run is running again
     return logger
 
 
 def _wandb(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-        import wandb  # noqa: F401
-    except ImportError:
-        raise ConfigError("logger 'wandb' needs the wandb package: pip install 'pixelmill[wandb]'") from None
+    from lightning.pytorch.loggers import WandbLogger
+
     mode = cfg.tracking.wandb.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -92,6 +124,72 @@ def tracker_ids(loggers: list[Logger]) -> dict[str, str]:
     return ids
 
 
-def log_params(loggers: list[Logger], params: dict[str, Any]) -> None:
+def run_tags(fingerprint: str | None, versions: dict[str, str]) -> dict[str, str]:
+    """Tags every tracker gets: git commit (when in a repository), data fingerprint, versions, host."""
+    tags = {"data_fingerprint": fingerprint or "", "host": socket.gethostname(), "platform": platform.platform()}
+    tags.update({f"version.{k}": v for k, v in versions.items()})
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def log_start(loggers: list[Logger], params: dict[str, Any], tags: dict[str, str]) -> None:
+    """Params (the flattened config) and tags to every tracker."""
     for logger in loggers:
-        logger.log_hyperparams(params)
+        logger.log_hyperparams({**params, **{f"tag.{k}": v for k, v in tags.items()}})
+        name = type(logger).__name__
+        if name == "MLFlowLogger":
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
+        elif name == "WandbLogger":
+            logger.experiment.tags = tuple(sorted(set(logger.experiment.tags or ()) | {f"data:{tags.get('data_fingerprint', '')}"}))
+
+
+def log_epoch(loggers: list[Logger], row: dict[str, float]) -> None:
+    """One finished epoch's metrics to every tracker, with step = epoch."""
+    step = int(row["epoch"])
+    metrics = {k: v for k, v in row.items() if k not in ("epoch", "step")}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
+
+
+def log_artifacts(loggers: list[Logger], run_dir: Path) -> None:
+    """The run directory's outputs to the trackers that store files (MLflow, W&B)."""
+    present = [run_dir / name for name in ARTIFACTS if (run_dir / name).exists()]
+    for logger in loggers:
+        name = type(logger).__name__
+        if name == "MLFlowLogger":
+            client, run_id = logger.experiment, logger.run_id
+            for path in present:
+                parent = str(path.parent.relative_to(run_dir)) if path.parent != run_dir else None
+                if path.is_dir():
+                    client.log_artifacts(run_id, str(path), artifact_path=str(path.relative_to(run_dir)))
+                else:
+                    client.log_artifact(run_id, str(path), artifact_path=parent)
+        elif name == "WandbLogger":
+            import wandb
+
+            artifact = wandb.Artifact(f"run-{run_dir.name}", type="pixelmill-run")
+            for path in present:
+                if path.is_dir():
+                    artifact.add_dir(str(path), name=str(path.relative_to(run_dir)))
+                else:
+                    artifact.add_file(str(path), name=str(path.relative_to(run_dir)))
+            logger.experiment.log_artifact(artifact)
+
+
+def finish(loggers: list[Logger], status: str) -> None:
+    """Close tracker runs with pixelmill's status (finished / failed / interrupted)."""
+    lightning_status = {"finished": "success", "failed": "failed", "interrupted": "killed"}.get(status, "success")
+    for logger in loggers:
+        logger.finalize(lightning_status)
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=0 if status == "finished" else 1)

@@ -39,9 +39,18 @@ class RunHistory(Callback):
         self._flush(trainer)
 
     def _flush(self, trainer: L.Trainer) -> None:
-        if trainer.is_global_zero and self.rows:
-            self.write()
-            runs.update_summary(self.run_dir, epochs_completed=int(self.rows[-1]["epoch"]) + 1, last_epoch_metrics=self.rows[-1])
+        from pixelmill.tracking import log_epoch
+
+        if not (trainer.is_global_zero and self.rows):
+            return
+        self.write()
+        # Rows already sent (before a kill) are not sent again; the count lives beside the run.
+        tracked = int(runs.read_summary(self.run_dir).get("tracked_epochs", 0))
+        for row in self.rows:
+            if int(row["epoch"]) >= tracked:
+                log_epoch(trainer.loggers, row)
+        done = int(self.rows[-1]["epoch"]) + 1
+        runs.update_summary(self.run_dir, epochs_completed=done, tracked_epochs=done, last_epoch_metrics=self.rows[-1])
 
     def write(self) -> None:
         columns: list[str] = []

@@ -16,6 +16,7 @@ from pixelmill import __version__, runs
 from pixelmill.config import flatten, load_saved, parse_override, to_yaml, validate
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import ConfigError, DataError, RunError
+from pixelmill.tracking import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def train(cfg: DictConfig) -> RunResult:
     seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
     net = _build_net(cfg, len(scan.classes))
     prep = resolve_preprocessing(cfg, net)
+    check_trackers(cfg)
     run_dir = _new_run_dir(cfg)
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     runs.update_summary(
@@ -271,23 +273,26 @@ def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_pa
     import lightning as L
 
     from pixelmill.data.datamodule import ImageDataModule
-    from pixelmill.tracking import build_loggers, log_params, tracker_ids
+    from pixelmill import tracking
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     summary = runs.read_summary(run_dir)
     with _RunLog(run_dir):
-        loggers = build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers"))
-        log_params(loggers, flatten(cfg))
+        loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers"))
+        if ckpt_path is None:  # a resumed run has its params and tags already
+            tags = tracking.run_tags(summary.get("data", {}).get("fingerprint"), summary.get("versions", {}))
+            tracking.log_start(loggers, flatten(cfg), tags)
         callbacks = _callbacks(cfg, run_dir)
         trainer = _trainer(cfg, run_dir, callbacks, loggers)
         module = _module(cfg, net, scan)
         datamodule = ImageDataModule(scan, prep, cfg.data, cfg.seed)
-        runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracker_ids(loggers))
+        runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
         fit_start = time.time()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
             runs.update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
+            tracking.finish(loggers, "failed")
             raise
         fit_s = time.time() - fit_start
         history = callbacks[0]
@@ -307,6 +312,8 @@ def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_pa
             from pixelmill.evaluation.report import write_report
 
             write_report(run_dir)
+            tracking.log_artifacts(loggers, run_dir)
+            tracking.finish(loggers, status)
     return RunResult(
         run_dir=run_dir,
         status=status,

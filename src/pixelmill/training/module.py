@@ -54,7 +54,7 @@ class ClassificationModule(L.LightningModule):
         seed: int = 42,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net"], logger=False)  # trackers get the full config instead
         self.net = net
         self.mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -90,9 +90,11 @@ class ClassificationModule(L.LightningModule):
         logits = self(x)
         loss = self.loss(logits, target)
         self.train_acc(logits.detach(), y if target.ndim == 1 else target.argmax(dim=1))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, batch_size=len(y))
+        # logger=False: epoch rows reach the trackers through RunHistory, once checkpointed.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y), logger=False)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("lr", lr, on_step=False, on_epoch=True, batch_size=len(y), logger=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -100,9 +102,9 @@ class ClassificationModule(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_f1(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("val/f1_macro", self.val_f1, on_epoch=True, batch_size=len(y))
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
+        self.log("val/f1_macro", self.val_f1, on_epoch=True, batch_size=len(y), logger=False)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.softmax(self(batch[0]).float(), dim=1)

@@ -1,0 +1,135 @@
+"""Torch-free inference on a bundle: ONNX Runtime + NumPy + Pillow.
+
+Serving and ``pixelmill predict`` both run images through :class:`OnnxClassifier`, which
+prepares pixels with the same :func:`pixelmill.data.preprocess.to_model_input` that
+evaluation used, so a served prediction matches an evaluated one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pixelmill.data.preprocess import Preprocessing, load_image, to_model_input
+from pixelmill.errors import BundleError, DataError
+from pixelmill.export.bundle import Bundle
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray | str | Path
+
+
+@dataclass
+class Prediction:
+    """One image's result: the top label, its probability, the top-k and every class's probability."""
+
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "confidence": self.confidence,
+            "top_k": [{"label": k, "probability": p} for k, p in self.top_k],
+            "probabilities": dict(self.probabilities),
+        }
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """A NumPy image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PIL image.
+
+    uint8 is taken as is; floats in [0, 1] are scaled to [0, 255]; other integers are clipped.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise DataError(f"a NumPy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
+    mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
+    return Image.fromarray(np.ascontiguousarray(arr), mode)
+
+
+def prepare_image(image: ImageLike, prep: Preprocessing) -> np.ndarray:
+    """Any accepted image -> (H, W, C) uint8 model input."""
+    if isinstance(image, (str, Path)):
+        try:
+            image = load_image(image, prep.channels)
+        except FileNotFoundError:
+            raise DataError(f"image file '{image}' does not exist") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot read image '{image}': {exc}") from None
+    elif isinstance(image, np.ndarray):
+        image = array_to_image(image)
+    elif not isinstance(image, Image.Image):
+        raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, a PIL image or a NumPy array")
+    return to_model_input(image, prep)
+
+
+def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5) -> list[Prediction]:
+    """(N, C) probabilities -> one :class:`Prediction` per row."""
+    k = max(1, min(int(top_k), len(classes)))
+    out = []
+    for row in np.asarray(probs, dtype=np.float64):
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append(
+            Prediction(
+                label=classes[int(order[0])],
+                confidence=float(row[order[0]]),
+                top_k=[(classes[int(i)], float(row[i])) for i in order],
+                probabilities={name: float(p) for name, p in zip(classes, row)},
+            )
+        )
+    return out
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session over a bundle's ``model.onnx`` (CPU, full graph optimisation)."""
+
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if not str(bundle.meta.get("model_file", "")).endswith(".onnx"):
+            raise BundleError(f"bundle {bundle.path} holds {bundle.meta.get('model_file')}, not an ONNX model")
+        self.bundle = bundle
+        self.classes = bundle.classes
+        self.preprocessing = bundle.preprocessing
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        if inter_op_threads:
+            options.inter_op_num_threads = int(inter_op_threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(bundle.model_file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"ONNX Runtime cannot load {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
+        self.input_name = bundle.input_name
+        self.output_name = bundle.output_name
+
+    def prepare(self, image: ImageLike) -> np.ndarray:
+        """A path, PIL image or NumPy array -> (H, W, C) uint8, exactly as evaluation prepared it."""
+        return prepare_image(image, self.preprocessing)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 -> (N, num_classes) float32 probabilities."""
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if batch.ndim == 3:
+            batch = batch[None]
+        (probs,) = self.session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(probs, dtype=np.float32)
+
+    def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
+        """Prepare, run as one batch and decode ``images``."""
+        if not images:
+            return []
+        batch = np.stack([self.prepare(img) for img in images])
+        return to_predictions(self.run(batch), self.classes, top_k)

@@ -1,0 +1,235 @@
+"""The model behind the routes: one ONNX Runtime session fed by a dynamic batcher.
+
+Requests call :meth:`Engine.infer` with their own (n, H, W, C) uint8 images and await an
+asyncio future. One coroutine gathers whatever arrived within ``max_delay_ms`` (up to
+``max_batch_size`` images), runs it as one batch on a single worker thread, and hands each
+request its rows back. The event loop never runs ONNX Runtime itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pixelmill.export.bundle import Bundle, read_bundle
+from pixelmill.inference import OnnxClassifier
+from pixelmill.serving.settings import ServeSettings
+from pixelmill.serving.telemetry import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue holds ``max_queue`` images already; the caller should answer 503."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or has not started; the caller should answer 503."""
+
+
+@dataclass
+class _Job:
+    images: np.ndarray  # (n, H, W, C) uint8
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """Coalesces concurrent ``submit`` calls into batches for a blocking ``run`` function."""
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 2048,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._pending: deque[_Job] = deque()
+        self._pending_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        # One thread: ORT parallelises inside a batch with its own intra-op threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelmill-ort")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the batching coroutine on the running loop."""
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="pixelmill-batcher")
+
+    async def stop(self) -> None:
+        """Stop batching, fail whatever still waits, release the worker thread."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(EngineStopped("the server is shutting down"))
+        self._pending_images = 0
+        self._executor.shutdown(wait=True)
+
+    async def run_now(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on the worker thread, bypassing the queue (used to warm the session up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W, C) uint8 -> (n, num_classes) float32, batched with other concurrent calls."""
+        if not self.running:
+            raise EngineStopped("the model is not ready")
+        n = len(images)
+        if self._pending_images + n > self.max_queue:
+            raise Overloaded(f"{self._pending_images} images are waiting for inference; try again shortly")
+        loop = asyncio.get_running_loop()
+        # Requests larger than a batch are split so no ORT call exceeds max_batch_size.
+        jobs = [_Job(images[i : i + self.max_batch_size], loop.create_future()) for i in range(0, n, self.max_batch_size)]
+        for job in jobs:
+            self._pending.append(job)
+            self._pending_images += len(job.images)
+        self._set_queue_gauge()
+        self._wakeup.set()
+        try:
+            parts = [await job.future for job in jobs]
+        except asyncio.CancelledError:  # the client went away: do not run its images
+            for job in jobs:
+                job.future.cancel()
+            raise
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _set_queue_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._pending_images)
+
+    async def _next_batch(self) -> list[_Job]:
+        """Wait for a first job, then up to ``max_delay`` for more; pop at most ``max_batch_size`` images."""
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay
+        while self._pending_images < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        jobs: list[_Job] = []
+        rows = 0
+        while self._pending and (not jobs or rows + len(self._pending[0].images) <= self.max_batch_size):
+            job = self._pending.popleft()
+            self._pending_images -= len(job.images)
+            if job.future.done():  # cancelled while waiting
+                continue
+            jobs.append(job)
+            rows += len(job.images)
+        self._set_queue_gauge()
+        return jobs
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._next_batch()
+            if not jobs:
+                continue
+            start = time.perf_counter()
+            batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])  # (B, H, W, C)
+            try:
+                probs = await loop.run_in_executor(self._executor, self._run, batch)  # (B, num_classes)
+            except Exception as exc:  # a model failure is the server's fault: every waiter gets it
+                log.exception("inference failed on a batch of %d images", len(batch))
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self._observe(jobs, start, time.perf_counter(), len(batch))
+            offset = 0
+            for job in jobs:
+                n = len(job.images)
+                if not job.future.done():
+                    job.future.set_result(probs[offset : offset + n])
+                offset += n
+
+    def _observe(self, jobs: list[_Job], start: float, end: float, size: int) -> None:
+        if self.metrics is None:
+            return
+        for job in jobs:
+            self.metrics.queue_latency.observe(start - job.enqueued)
+        self.metrics.inference_latency.observe(end - start)
+        self.metrics.batch_size.observe(size)
+        self.metrics.images.inc(size)
+
+
+def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
+    """A bundle directory as is; a ``models:/`` URI through the MLflow registry."""
+    if model.startswith("models:/"):
+        from pixelmill.registry import resolve_model  # imports mlflow: only when asked for
+
+        return Path(resolve_model(model, tracking_uri=tracking_uri))
+    return Path(model)
+
+
+class Engine:
+    """A verified bundle, its ONNX Runtime session and the batcher in front of it."""
+
+    def __init__(self, bundle: Bundle, classifier: OnnxClassifier, batcher: DynamicBatcher, version: str = "1") -> None:
+        self.bundle = bundle
+        self.classifier = classifier
+        self.batcher = batcher
+        self.version = version
+        size, channels = bundle.preprocessing.size, bundle.preprocessing.channels
+        self.input_shape = (size, size, channels)  # (H, W, C) of one image
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
+        """Read and verify the bundle, open the ORT session. Raises BundleError on a bad bundle."""
+        bundle = read_bundle(resolve_bundle_path(settings.model, settings.tracking_uri), verify=True)
+        classifier = OnnxClassifier(bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
+        batcher = DynamicBatcher(classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics)
+        return cls(bundle, classifier, batcher, settings.model_version)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher.running
+
+    @property
+    def classes(self) -> list[str]:
+        return self.classifier.classes
+
+    async def start(self) -> None:
+        """Warm the session up (first-call allocations) and start batching."""
+        await self.batcher.run_now(np.zeros((1, *self.input_shape), np.uint8))
+        await self.batcher.start()
+        log.info("serving %s (%d classes, input %s) from %s", self.bundle.name, len(self.classes), self.input_shape, self.bundle.path)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    async def infer(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W, C) uint8 -> (n, num_classes) float32 probabilities."""
+        return await self.batcher.submit(images)

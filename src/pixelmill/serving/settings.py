@@ -1,0 +1,55 @@
+"""Every knob of ``pixelmill serve`` in one ``BaseSettings``; each also reads ``PIXELMILL_<NAME>``."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ServeSettings(BaseSettings):
+    """Settings of the serving process. ``PIXELMILL_MODEL=... PIXELMILL_MAX_BATCH_SIZE=16`` etc."""
+
+    model_config = SettingsConfigDict(env_prefix="PIXELMILL_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(..., description="A bundle directory or a models:/name@alias (or models:/name/version) URI.")
+    model_version: str = Field("1", description="The version string reported by /model and the v2 API.")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI used to resolve models:/ URIs.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256, description="uvicorn worker processes, one ONNX Runtime session each.")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    # ONNX Runtime and the dynamic batcher.
+    intra_op_threads: Optional[int] = Field(None, ge=1, description="Default: available CPUs // workers.")
+    inter_op_threads: int = Field(1, ge=1)
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most images run in one ONNX Runtime call.")
+    max_delay_ms: float = Field(5.0, ge=0.0, le=1000.0, description="Longest wait for more requests to fill a batch.")
+    max_queue: int = Field(2048, ge=1, description="Images waiting for inference before requests get 503.")
+    top_k: int = Field(5, ge=1, description="Default top-k of /predict.")
+
+    # Limits: every one of them answers 4xx instead of doing the work.
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body, counted while it streams.")
+    max_pixels: int = Field(25_000_000, ge=1, description="Largest width*height of an uploaded image, checked before decoding.")
+    max_files: int = Field(32, ge=1, description="Most images in one /predict request.")
+    max_infer_batch: int = Field(256, ge=1, description="Largest batch dimension of a v2 infer input tensor.")
+
+    # Safety.
+    api_token: Optional[SecretStr] = Field(None, description="If set, every route but liveness needs 'Authorization: Bearer <token>'.")
+    rate_limit: float = Field(0.0, ge=0.0, description="Requests per second per client (token bucket); 0 turns it off.")
+    rate_burst: int = Field(20, ge=1, description="Bucket size: requests a client may send at once.")
+
+    @property
+    def ort_intra_threads(self) -> int:
+        """ONNX Runtime intra-op threads: explicit, else the CPUs shared out over the workers."""
+        return self.intra_op_threads or max(1, available_cpus() // self.workers)

@@ -1,0 +1,33 @@
+"""Prometheus collectors of one app, in the app's own ``CollectorRegistry``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class ServingMetrics:
+    """Requests by route and status, latencies (queue, inference, total), batch sizes, in-flight, model info."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "pixelmill_http_requests", "HTTP requests by route template, method and status.", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "pixelmill_http_request_duration_seconds", "Total request latency.", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("pixelmill_http_requests_in_flight", "Requests being handled now.", registry=r)
+        self.queue_latency = Histogram(
+            "pixelmill_queue_duration_seconds", "Time a request waited for its batch to start.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inference_latency = Histogram(
+            "pixelmill_inference_duration_seconds", "ONNX Runtime time of one batch.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("pixelmill_batch_size", "Images per ONNX Runtime call.", buckets=_BATCH_BUCKETS, registry=r)
+        self.images = Counter("pixelmill_images", "Images classified.", registry=r)
+        self.queue_depth = Gauge("pixelmill_queue_images", "Images waiting for inference.", registry=r)
+        self.model_info = Info("pixelmill_model", "The served model.", registry=r)
