@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from pixelmill.predict import Predictor
+
+__all__ = ["Predictor", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import pixelmill` (and `pixelmill --help`) stays light.
+    if name == "Predictor":
+        from pixelmill.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'pixelmill' has no attribute '{name}'")

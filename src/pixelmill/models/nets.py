@@ -1,12 +1,14 @@
-"""pixelmill's own small CNNs, registered by name (timm style: a plain dict plus a decorator).
+"""pixelmill's own small nets, registered by name (timm style: a plain dict plus a decorator).
 
-Both nets are a stack of conv blocks (conv3x3-BN-ReLU, then 2x2 max-pool), a global
+The CNNs are a stack of conv blocks (conv3x3-BN-ReLU, then 2x2 max-pool), a global
 average pool and a small head. They work for any input of at least 32 px and for
-1 (grayscale) or 3 (RGB) input channels.
+1 (grayscale) or 3 (RGB) input channels. ``mlp`` takes preprocessed tabular features,
+(B, in_features) floats, instead of images.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "is_model", "list_nets", "model_entrypoint", "register_model", "small_cnn", "xray_cnn"]
+__all__ = [
+    "MLP", "ConvNet", "is_model", "list_nets", "mlp", "model_entrypoint", "register_model", "small_cnn",
+    "tabular_nets", "xray_cnn",
+]
 
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 
@@ -38,6 +43,11 @@ def is_model(name: str) -> bool:
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     """The factory function registered as `name` (KeyError if there is none)."""
     return _model_entrypoints[name]
+
+
+def tabular_nets() -> list[str]:
+    """Sorted names of the own nets that take tabular features (an `in_features` argument), not images."""
+    return sorted(n for n, fn in _model_entrypoints.items() if "in_features" in inspect.signature(fn).parameters)
 
 
 def _default_cfg(in_chans: int, size: int) -> dict[str, Any]:
@@ -146,3 +156,65 @@ def xray_cnn(num_classes: int = 2, in_chans: int = 3, drop_rate: float = 0.5, **
     then Dropout-Linear(256, 128)-ReLU-Dropout-Linear(num_classes). Default input 128 px."""
     cfg: dict[str, Any] = dict(channels=(32, 64, 128, 256), depth=1, hidden=128, input_size=128)
     return ConvNet(num_classes, in_chans, drop_rate=drop_rate, **{**cfg, **kwargs})
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron: [Linear -> activation -> Dropout] per hidden size, then Linear.
+
+    Args:
+        num_classes: Number of output logits.
+        in_features: Width of the (already preprocessed) input rows.
+        hidden_sizes: Width of each hidden layer; empty gives a linear (logistic) classifier.
+        drop_rate: Dropout probability after each hidden layer.
+        activation: One of relu, gelu, silu, tanh.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_features: int,
+        hidden_sizes: Sequence[int] = (128, 64),
+        drop_rate: float = 0.1,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or in_features < 1:
+            raise ValueError(f"num_classes and in_features must be >= 1, got {num_classes} and {in_features}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation '{activation}'; choose one of: {', '.join(_ACTIVATIONS)}")
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, int(size)), _ACTIVATIONS[activation](), nn.Dropout(drop_rate)]
+            width = int(size)
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+        self.default_cfg = {"input_size": (in_features,), "classifier": "fc"}
+
+    def get_classifier(self) -> nn.Linear:
+        """The final Linear layer (the part that is trained when the backbone is frozen)."""
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_features) float -> (B, num_classes) logits."""
+        return self.fc(self.features(x))
+
+
+@register_model
+def mlp(
+    num_classes: int = 2,
+    in_features: int | None = None,
+    hidden_sizes: Sequence[int] = (128, 64),
+    drop_rate: float = 0.1,
+    activation: str = "relu",
+    in_chans: int | None = None,
+) -> MLP:
+    """MLP for tabular rows; `in_features` is the preprocessor's output width (`in_chans` is ignored)."""
+    if in_features is None:
+        raise ValueError("mlp needs in_features (the number of preprocessed tabular features); train it with data.kind=tabular")
+    return MLP(num_classes, in_features, tuple(hidden_sizes), drop_rate, activation)

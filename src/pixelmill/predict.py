@@ -1,0 +1,209 @@
+"""``Predictor``: one object that predicts from a run, a bundle or a registered model.
+
+A run directory runs its checkpoint in PyTorch; a bundle runs ``model.onnx`` in ONNX
+Runtime (or ``model.pt`` in TorchScript). Either way the pixels come from
+``pixelmill.data.preprocess.to_model_input``, so every route gives the same answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from pixelmill.data.preprocess import Preprocessing
+from pixelmill.errors import ConfigError, ModelError, PixelmillError
+from pixelmill.inference import OnnxClassifier, Prediction, prepare_image, to_predictions
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class PredictionRow:
+    """One input of ``predict_files``: its prediction, or the reason it could not be read."""
+
+    source: str
+    prediction: Prediction | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        base: dict[str, Any] = {"source": self.source, "error": self.error}
+        if self.prediction is None:
+            return base | {"label": None, "confidence": None, "top_k": [], "probabilities": {}}
+        return base | self.prediction.to_dict()
+
+
+class TorchClassifier:
+    """A run's checkpoint in eager PyTorch, behind the same interface as ``OnnxClassifier``."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
+        import torch
+
+        from pixelmill import runs
+        from pixelmill.config import load_saved
+        from pixelmill.export.onnx import UInt8Classifier
+        from pixelmill.models import create_model
+        from pixelmill.training.checkpoint import load_net
+
+        run_dir = runs.resolve_run_dir(run_dir)
+        summary = runs.read_summary(run_dir)
+        if not summary.get("classes") or "preprocessing" not in summary:
+            raise ModelError(f"'{run_dir}' has no classes/preprocessing in summary.json; it never started training")
+        cfg = load_saved(run_dir / runs.CONFIG)
+        self.classes: list[str] = list(summary["classes"])
+        self.preprocessing = Preprocessing.from_dict(summary["preprocessing"])
+        net = create_model(cfg.model.name, len(self.classes), in_chans=self.preprocessing.channels)
+        net = load_net(net, runs.checkpoint_path(run_dir, checkpoint))
+        self._model = UInt8Classifier(net, self.preprocessing).eval()
+        self._torch = torch
+
+    def prepare(self, image: Any) -> np.ndarray:
+        return prepare_image(image, self.preprocessing)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 -> (N, num_classes) float32."""
+        with self._torch.inference_mode():
+            return self._model(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))).numpy()
+
+    def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
+        return to_predictions(self.run(np.stack([self.prepare(i) for i in images])), self.classes, top_k) if images else []
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
+    """Files, folders (searched recursively for images) and globs -> a list of file paths.
+
+    A path that neither exists nor matches is kept, so that its row reports the problem.
+    """
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            out += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists() or not (_GLOB_CHARS & set(str(item))):
+            out.append(str(path))
+        else:
+            matches = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            out += matches or [str(item)]
+    return out
+
+
+def _load_classifier(model: str | Path, tracking_uri: str | None, checkpoint: str, threads: int | None):
+    from pixelmill import runs
+    from pixelmill.export.bundle import is_bundle_dir, read_bundle
+
+    text = str(model)
+    if text.startswith("models:/"):
+        from pixelmill.registry import resolve_model
+
+        model = resolve_model(text, tracking_uri=tracking_uri)
+    path = Path(model).expanduser()
+    if is_bundle_dir(path):
+        bundle = read_bundle(path)
+        if bundle.model_format == "torchscript":
+            from pixelmill.export.torchscript import TorchScriptClassifier
+
+            return TorchScriptClassifier(bundle)
+        return OnnxClassifier(bundle, intra_op_threads=threads)
+    if (path / runs.CONFIG).is_file():
+        return TorchClassifier(path, checkpoint)
+    raise ModelError(f"'{model}' is not a run directory, a bundle directory or a models:/NAME@ALIAS URI")
+
+
+class Predictor:
+    """Predict labels for images with any pixelmill model.
+
+    >>> Predictor.load("runs/default/my-run/bundle").predict(["a.png", pil_image, array])
+    """
+
+    def __init__(self, classifier: Any, source: str) -> None:
+        self.classifier = classifier
+        self.source = source
+
+    @classmethod
+    def load(
+        cls, model: str | Path, tracking_uri: str | None = None, checkpoint: str = "best", threads: int | None = None
+    ) -> Predictor:
+        """A run directory (PyTorch checkpoint), a bundle directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
+        return cls(_load_classifier(model, tracking_uri, checkpoint, threads), str(model))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.classifier.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.classifier.preprocessing
+
+    def predict(self, images: Sequence[Any], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Paths, PIL images or NumPy arrays -> one Prediction each; an unreadable image raises DataError."""
+        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]
+        out: list[Prediction] = []
+        for start in range(0, len(images), max(1, batch_size)):
+            chunk = images[start : start + max(1, batch_size)]
+            batch = np.stack([self.classifier.prepare(img) for img in chunk])
+            out += to_predictions(self.classifier.run(batch), self.classes, top_k)
+        return out
+
+    def predict_files(
+        self,
+        inputs: Iterable[str | Path],
+        top_k: int = 5,
+        batch_size: int = 32,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[PredictionRow]:
+        """Expand files/folders/globs and predict each; unreadable files get a row with the error.
+
+        ``on_progress(done, total)`` is called after every batch.
+        """
+        files = expand_inputs(inputs)
+        rows = [PredictionRow(source=f) for f in files]
+        size = max(1, batch_size)
+        for start in range(0, len(rows), size):
+            ready: list[tuple[PredictionRow, np.ndarray]] = []
+            for row in rows[start : start + size]:
+                try:
+                    ready.append((row, self.classifier.prepare(row.source)))
+                except PixelmillError as exc:
+                    row.error = str(exc)
+            if ready:
+                probs = self.classifier.run(np.stack([arr for _, arr in ready]))
+                for (row, _), pred in zip(ready, to_predictions(probs, self.classes, top_k)):
+                    row.prediction = pred
+            if on_progress:
+                on_progress(min(start + size, len(rows)), len(rows))
+        return rows
+
+
+def write_predictions(rows: list[PredictionRow], out: str | Path, classes: Sequence[str]) -> Path:
+    """Write rows as CSV (one probability column per class) or JSON, chosen by the file suffix."""
+    out = Path(out)
+    writers = {".csv": _write_csv, ".json": _write_json}
+    if out.suffix.lower() not in writers:
+        raise ConfigError(f"cannot write predictions to '{out}'; use a .csv or .json file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writers[out.suffix.lower()](rows, out, classes)
+    return out
+
+
+def _write_csv(rows: list[PredictionRow], out: Path, classes: Sequence[str]) -> None:
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["source", "label", "confidence", "error", *(f"p_{c}" for c in classes)])
+        for row in rows:
+            p = row.prediction
+            probs = [f"{p.probabilities[c]:.6f}" for c in classes] if p else [""] * len(classes)
+            writer.writerow([row.source, p.label if p else "", f"{p.confidence:.6f}" if p else "", row.error or "", *probs])
+
+
+def _write_json(rows: list[PredictionRow], out: Path, classes: Sequence[str]) -> None:
+    out.write_text(json.dumps({"classes": list(classes), "predictions": [r.to_dict() for r in rows]}, indent=2) + "\n")
+
+
+__all__ = ["Predictor", "PredictionRow", "TorchClassifier", "expand_inputs", "write_predictions"]

@@ -1,0 +1,237 @@
+"""Pure ASGI middleware: request context (id, access log, metrics), rate limit, bearer token, body limit.
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so the body limit can count bytes while they
+stream in, and so nothing buffers a response.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import Match
+
+from pixelmill.serving.telemetry import ServingMetrics
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("pixelmill.serving.access")
+log = logging.getLogger(__name__)
+
+LIVENESS = "/v2/health/live"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """Send a complete ``{"error": message}`` JSON response."""
+    body = json.dumps({"error": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v2/models/{name}/infer``), bounded label cardinality."""
+    route = scope.get("route")
+    if route is not None and hasattr(route, "path"):
+        return route.path
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", []):
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return getattr(candidate, "path", "unmatched")
+    return "unmatched"
+
+
+class RequestContextMiddleware:
+    """X-Request-ID (echoed when sane, else generated), JSON access log, request metrics.
+
+    The log holds method, path, route, status, latency and outcome: never bodies or images.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if status is not None:
+                raise
+            await send_error(send_with_id, 500, f"internal server error (request id {request_id})")
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, request_id, status or 500, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, request_id: str, status: int, latency: float) -> None:
+        route = route_template(scope)
+        self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+        self.metrics.latency.labels(route).observe(latency)
+        client = scope.get("client")
+        fields = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(latency * 1000.0, 3),
+            "outcome": "ok" if status < 400 else ("rejected" if status < 500 else "error"),
+            "client": client[0] if client else None,
+        }
+        images = scope.get("state", {}).get("images")
+        if images is not None:
+            fields["images"] = images
+        access_log.info("request", extra={"fields": fields})
+
+
+class TokenBuckets:
+    """One token bucket per client key, in memory, least recently seen evicted past ``max_clients``."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, last time)
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take one token: 0.0 if allowed, else the seconds until a token is available."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After once a client (by address) exceeds ``rate`` requests/s beyond ``burst``."""
+
+    def __init__(self, app: ASGIApp, rate: float, burst: int, exempt_prefix: str = "/v2/health/") -> None:
+        self.app = app
+        self.buckets = TokenBuckets(rate, burst)
+        self.exempt_prefix = exempt_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.exempt_prefix):
+            client = scope.get("client")
+            wait = self.buckets.take(client[0] if client else "unknown")
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await send_error(send, 429, f"rate limit exceeded; retry in {retry} s", {"Retry-After": str(retry)})
+                return
+        await self.app(scope, receive, send)
+
+
+class BearerAuthMiddleware:
+    """401 unless ``Authorization: Bearer <token>`` matches; liveness stays open for probes."""
+
+    def __init__(self, app: ASGIApp, token: str, exempt: frozenset[str] = frozenset({LIVENESS})) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.exempt:
+            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                await send_error(send, 401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+                return
+        await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: at once from Content-Length, else as soon as the stream passes it.
+
+    Whatever the app was doing with the body when the limit passed is dropped and replaced
+    by the 413, so no parser downstream sees more than ``max_bytes``.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body exceeds the limit of {self.max_bytes} bytes"
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await send_error(send, 400, f"invalid Content-Length {length[:40]!r}")
+                return
+            if int(length) > self.max_bytes:
+                await send_error(send, 413, too_large, {"Connection": "close"})
+                return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise _BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # the app answered the aborted read (e.g. a 400): the 413 replaces it
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await send_error(send, 413, too_large, {"Connection": "close"})

@@ -1,0 +1,132 @@
+"""Request and response bodies of the native API and of the Open Inference Protocol v2."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    error: str
+
+
+class TopK(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    """One image's result, as ``pixelmill predict`` writes it, plus the file it came from."""
+
+    file: str
+    label: str
+    confidence: float
+    top_k: list[TopK]
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[ImagePrediction]
+
+
+class Base64Image(BaseModel):
+    b64: str
+
+
+class InstancesRequest(BaseModel):
+    """``{"instances": ["<base64 image>", {"b64": "<base64 image>"}, ...]}``; data URLs are accepted too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Union[str, Base64Image]]
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelInfo(BaseModel):
+    """``GET /model``: what is served and how to feed it."""
+
+    name: str
+    version: str
+    model_name: Optional[str] = None
+    classes: list[str]
+    input: dict[str, Any]
+    input_size: list[int] = Field(description="[height, width, channels] of one image after preprocessing.")
+    output: dict[str, Any]
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+    sha256: Optional[str] = None
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class ReadyResponse(BaseModel):
+    name: Optional[str] = None
+    ready: bool
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class InferInput(BaseModel):
+    """An input tensor: ``data`` inline (flat or nested, row-major), or ``parameters.binary_data_size`` bytes."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Optional[Any] = None
+
+
+class InferRequestedOutput(BaseModel):
+    """``parameters``: ``binary_data`` (bool) and ``classification`` (top-k count) are understood."""
+
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    """The JSON part of a v2 infer request (the binary tensor extension appends raw bytes after it)."""
+
+    id: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[InferInput]
+    outputs: Optional[list[InferRequestedOutput]] = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: Optional[dict[str, Any]] = None
+    data: Optional[list[Any]] = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: Optional[str] = None
+    outputs: list[InferOutput]
