@@ -21,16 +21,26 @@ data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets and data ch
 app.add_typer(data_app, name="data")
 runs_app = typer.Typer(no_args_is_help=True, help="List, show and compare run directories.")
 app.add_typer(runs_app, name="runs")
+registry_app = typer.Typer(no_args_is_help=True, help="MLflow Model Registry: register, list, promote.")
+app.add_typer(registry_app, name="registry")
 
 console = Console()
 err = Console(stderr=True)
 
 
 def _setup_logging() -> None:
-    from rich.logging import RichHandler
+    """Rich log lines on a terminal; plain, unwrapped lines when stderr is a file or a pipe."""
+    if err.is_terminal:
+        from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("pixelmill").setLevel(logging.INFO)
+    # Lightning prints its own INFO lines; do not print them twice.
+    logging.getLogger("lightning.pytorch").propagate = False
 
 
 def _metrics_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -217,6 +227,169 @@ def runs_compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more ru
         if any(v != values[0] for v in values):
             table.add_row(f"[bold]{key}[/]", *[_fmt(v) for v in values])
     console.print(table)
+
+
+def _quiet_exporters() -> None:
+    """Exporter, quantiser and MLflow chatter (warnings, INFO lines) stays out of the CLI output."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "onnxruntime", "onnxscript", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    checkpoint: str = typer.Option("best", help="best, last or a checkpoint path"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 quantisation (ONNX only)"),
+    out: Optional[Path] = typer.Option(None, help="Bundle directory (default RUN_DIR/bundle, bundle-int8, bundle-torchscript)."),
+    max_images: int = typer.Option(64, help="Evaluation images the export is checked on."),
+    min_int8_agreement: float = typer.Option(0.99, help="int8 only: share of images whose top-1 must match PyTorch."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default EXPERIMENT-RUN)."),
+) -> None:
+    """Export a run to a bundle checked against PyTorch on real evaluation images."""
+    from pixelmill.export import export_run
+
+    _setup_logging()
+    _quiet_exporters()
+    bundle = export_run(
+        run_dir, checkpoint=checkpoint, fmt=fmt, quantize=quantize, out=out, max_images=max_images,
+        name=name, min_int8_agreement=min_int8_agreement,
+    )
+    check = bundle.meta["export"]
+    rows = [
+        ("bundle", str(bundle.path)),
+        ("model", f"{bundle.meta['model_file']} ({check['format']}{', int8' if check.get('quantize') else ''})"),
+        ("input", f"{bundle.input_name} uint8 {bundle.meta['input']['shape']} NHWC"),
+        ("classes", ", ".join(bundle.classes)),
+        ("checked images", str(check["checked_images"])),
+        ("top-1 agreement", f"{check['top1_agreement']:.2%}"),
+        ("max |p - p_torch|", f"{check['max_abs_diff']:.2e}"),
+    ]
+    console.print(_metrics_table("pixelmill export", rows))
+
+
+def _predict_table(rows, top_k: int) -> Table:
+    table = Table(title=f"{len(rows)} prediction(s)")
+    table.add_column("input", overflow="fold")
+    for column in ("label", "confidence", f"top-{top_k}"):
+        table.add_column(column)
+    for row in rows:
+        p = row.prediction
+        if p is None:
+            table.add_row(row.source, "[red]error[/]", "", row.error or "")
+        else:
+            table.add_row(row.source, p.label, f"{p.confidence:.4f}", ", ".join(f"{k} {v:.3f}" for k, v in p.top_k))
+    return table
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="A run directory, a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    top_k: int = typer.Option(3, "--top-k", help="Classes to show per image."),
+    out: Optional[Path] = typer.Option(None, help="Write predictions to a .csv or .json file instead of a table."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
+    checkpoint: str = typer.Option("best", help="For a run directory: best, last or a checkpoint path."),
+) -> None:
+    """Predict labels for images; unreadable files get a row with the error."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pixelmill.predict import Predictor, expand_inputs, write_predictions
+
+    _setup_logging()
+    _quiet_exporters()
+    predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint)
+    files = expand_inputs(inputs)
+    if len(files) > 4:
+        columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("predict", total=len(files))
+            rows = predictor.predict_files(files, top_k, batch_size, on_progress=lambda done, _: bar.update(task, completed=done))
+    else:
+        rows = predictor.predict_files(files, top_k, batch_size)
+    failed = sum(r.error is not None for r in rows)
+    if out is not None:
+        write_predictions(rows, out, predictor.classes)
+        console.print(f"wrote {len(rows)} prediction(s) to {out}" + (f" ({failed} unreadable)" if failed else ""))
+    else:
+        console.print(_predict_table(rows, top_k))
+    if failed:
+        err.print(f"[yellow]{failed} of {len(rows)} input(s) could not be read[/]")
+
+
+def _versions_table(title: str, versions) -> Table:
+    table = Table(title=title)
+    for column in ("name", "version", "aliases", "test accuracy", "created", "run id"):
+        table.add_column(column)
+    for v in versions:
+        accuracy = v.tags.get("test/accuracy") or v.tags.get("val/accuracy") or ""
+        table.add_row(v.name, str(v.version), ", ".join(v.aliases), accuracy, v.created_at or "", v.run_id or "")
+    return table
+
+
+@registry_app.command("register")
+def registry_register(
+    run_dir: Path = typer.Argument(..., help="A run directory (its bundle/ is exported first if missing)."),
+    name: str = typer.Option(..., "--name", help="Registered model name."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store (default: the run's tracking.mlflow.uri)."),
+    artifact_location: Optional[str] = typer.Option(None, help="Artifact root for a new MLflow experiment."),
+) -> None:
+    """Log RUN_DIR's bundle to MLflow (ONNX flavour + bundle artifacts) and register a new version."""
+    from pixelmill.registry import register
+
+    _setup_logging()
+    _quiet_exporters()
+    info = register(run_dir, name, tracking_uri=tracking_uri, artifact_location=artifact_location)
+    console.print(f"registered [bold]{info.name}[/] version [bold]{info.version}[/] (run {info.run_id}): models:/{info.name}/{info.version}")
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Optional[str] = typer.Argument(None, help="A registered model name; all models when omitted."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)."),
+) -> None:
+    """List registered models, or every version of NAME."""
+    from pixelmill.registry import list_versions
+
+    _quiet_exporters()
+    versions = list_versions(name, tracking_uri=tracking_uri)
+    console.print(_versions_table(f"{name} versions" if name else "registered models (latest versions)", versions))
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: int = typer.Argument(..., help="Version to promote."),
+    alias: str = typer.Option("champion", help="Alias to point at VERSION."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)."),
+) -> None:
+    """Point an alias (default champion) at a version: models:/NAME@ALIAS then resolves to it."""
+    from pixelmill.registry import promote
+
+    _quiet_exporters()
+    info = promote(name, version, alias=alias, tracking_uri=tracking_uri)
+    console.print(f"models:/{info.name}@{alias} -> version {info.version}")
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="A bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION."),
+    host: Optional[str] = typer.Option(None, help="Bind address [default: 127.0.0.1, or $PIXELMILL_HOST]."),
+    port: Optional[int] = typer.Option(None, help="Port [default: 8000, or $PIXELMILL_PORT]."),
+    workers: Optional[int] = typer.Option(None, help="uvicorn worker processes [default: 1, or $PIXELMILL_WORKERS]."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
+) -> None:
+    """Serve a bundle over HTTP on ONNX Runtime: /predict, Open Inference Protocol v2 (/v2), /metrics, /docs.
+
+    Every other setting comes from PIXELMILL_* variables (PIXELMILL_API_TOKEN, PIXELMILL_MAX_BATCH_SIZE, ...).
+    """
+    from pixelmill.serving.server import serve as run_server
+    from pixelmill.serving.settings import load_settings
+
+    run_server(load_settings(model=model, host=host, port=port, workers=workers, tracking_uri=tracking_uri))
 
 
 def main() -> None:

@@ -80,24 +80,31 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` across processes (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: rely on the retries alone
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise writers of one local SQLite store across processes (SQLite has one writer at a time)."""
     db = _sqlite_path(uri)
     if db is None:
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on the retries alone
+    with _file_lock(Path(f"{db}.lock")):
         yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _retry(fn: Callable[[], T], attempts: int = 10) -> T:
@@ -114,6 +121,20 @@ def _retry(fn: Callable[[], T], attempts: int = 10) -> T:
             log.debug("store busy (%s); retrying in %.2fs", str(exc).splitlines()[0][:120], delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``uri`` for the block (logged-model lookups use it)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old)
 
 
 def _client(uri: str):
@@ -201,24 +222,19 @@ def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, meta: dict[str, 
     import mlflow.onnx
     import onnx
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-            mlflow.set_tags({"pixelmill.bundle": BUNDLE_ARTIFACT_PATH, "pixelmill.run_dir": meta.get("run", {}).get("run_dir", "")})
-            metrics = {k.replace("@", "_"): float(v) for k, v in _metric_tags(meta).items()}
-            if metrics:
-                mlflow.log_metrics(metrics)
-            info = mlflow.onnx.log_model(
-                onnx.load(str(bundle_dir / meta["model_file"])),
-                name=MODEL_ARTIFACT_NAME,
-                signature=_signature(meta),
-                save_as_external_data=False,
-            )
-            mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
-        return run.info.run_id, info.model_uri
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.set_tags({"pixelmill.bundle": BUNDLE_ARTIFACT_PATH, "pixelmill.run_dir": meta.get("run", {}).get("run_dir", "")})
+        metrics = {k: float(v) for k, v in _metric_tags(meta).items()}
+        if metrics:
+            mlflow.log_metrics(metrics)
+        info = mlflow.onnx.log_model(
+            onnx.load(str(bundle_dir / meta["model_file"])),
+            name=MODEL_ARTIFACT_NAME,
+            signature=_signature(meta),
+            save_as_external_data=False,
+        )
+        mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
+    return run.info.run_id, info.model_uri
 
 
 def register(
@@ -234,9 +250,10 @@ def register(
     run_dir = runs.resolve_run_dir(run_dir)
     uri = tracking_uri_for(run_dir, tracking_uri)
     bundle_dir = default_out(run_dir, "onnx", None)
-    if not (bundle_dir / BUNDLE_FILE).is_file():
-        log.info("no bundle in %s yet; exporting it first", run_dir)
-        export_run(run_dir)
+    with _file_lock(run_dir / ".bundle.lock"):  # two registering processes export once, not twice
+        if not (bundle_dir / BUNDLE_FILE).is_file():
+            log.info("no bundle in %s yet; exporting it first", run_dir)
+            export_run(run_dir)
     bundle = read_bundle(bundle_dir)  # verifies every hash before anything is uploaded
     if bundle.model_format != "onnx":
         raise BundleError(f"{bundle_dir} holds a {bundle.model_format} model; the registry takes ONNX bundles")
@@ -252,7 +269,7 @@ def register(
         "run_dir": str(run_dir.resolve()),
         "bundle_sha256": meta["files"][meta["model_file"]],
     }
-    with _store_lock(uri):
+    with _store_lock(uri), _tracking(uri):
         client = _retry(lambda: _client(uri))
         experiment_id = _retry(lambda: _experiment_id(client, summary.get("experiment", "pixelmill"), _artifact_location(uri, run_dir, artifact_location)))
         run_id, model_uri = _retry(lambda: _log_bundle(uri, experiment_id, bundle.path, meta, f"register-{run_dir.name}"))
@@ -265,7 +282,11 @@ def register(
 def list_versions(name: str | None = None, tracking_uri: str | None = None) -> list[VersionInfo]:
     """Every version of ``name`` (newest first), or the latest version of every registered model."""
     uri = tracking_uri_for(None, tracking_uri)
-    client = _client(uri)
+    with _tracking(uri):
+        return _list_versions(_client(uri), uri, name)
+
+
+def _list_versions(client: Any, uri: str, name: str | None) -> list[VersionInfo]:
     if name:
         versions = _retry(lambda: client.search_model_versions(f"name = '{name}'"))
         if not versions:
@@ -294,7 +315,11 @@ def _aliases(client: Any, name: str) -> dict[str, int]:
 def promote(name: str, version: int, alias: str = "champion", tracking_uri: str | None = None) -> VersionInfo:
     """Point ``alias`` (e.g. ``champion``) at ``version`` of ``name``."""
     uri = tracking_uri_for(None, tracking_uri)
-    client = _client(uri)
+    with _tracking(uri):
+        return _promote(_client(uri), uri, name, version, alias)
+
+
+def _promote(client: Any, uri: str, name: str, version: int, alias: str) -> VersionInfo:
     try:
         mv = _retry(lambda: client.get_model_version(name, str(version)))
     except PixelmillError:
@@ -316,10 +341,8 @@ def get_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
     store = tracking_uri_for(None, tracking_uri)
     client = _client(store)
     try:
-        if alias:
-            mv = _retry(lambda: client.get_model_version_by_alias(name, alias))
-        else:
-            mv = _retry(lambda: client.get_model_version(name, str(version)))
+        with _tracking(store):
+            mv = _version_by(client, name, version, alias)
     except PixelmillError:
         raise
     except Exception as exc:
@@ -327,6 +350,12 @@ def get_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
             raise ModelError(f"'{uri}' does not exist in {store}; see `pixelmill registry list {name}`") from None
         raise
     return _version_info(mv)
+
+
+def _version_by(client: Any, name: str, version: int | None, alias: str | None) -> Any:
+    if alias:
+        return _retry(lambda: client.get_model_version_by_alias(name, alias))
+    return _retry(lambda: client.get_model_version(name, str(version)))
 
 
 def cache_root() -> Path:
@@ -365,6 +394,7 @@ def resolve_model(uri_or_path: str | Path, tracking_uri: str | None = None, cach
 def _download_bundle(store: str, info: VersionInfo, target: Path) -> Path:
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar in CLI or server logs
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{random.getrandbits(24):06x}")
     tmp.mkdir()

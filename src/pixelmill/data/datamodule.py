@@ -1,14 +1,35 @@
-"""LightningDataModule over a scanned image folder."""
+"""LightningDataModules: over a scanned image folder, and over preprocessed CSV rows."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from pixelmill.data.images import ImageDataset, SeededSampler
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.data.scan import ScanResult
 from pixelmill.data.transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from pixelmill.data.tabular import TabularData
+    from pixelmill.data.tabular_preprocess import TabularPreprocessor
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
+    """A DataLoader in ``sampler`` order (a training SeededSampler) or in dataset order (evaluation)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # A final batch of one sample breaks BatchNorm in training; drop only that case.
+        drop_last=sampler is not None and len(dataset) % batch_size == 1,
+    )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -26,17 +47,7 @@ class ImageDataModule(L.LightningDataModule):
         return ImageDataset(self.scan.splits[split], self.prep.channels, transform)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, sampler=None) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            # A final batch of one sample breaks BatchNorm in training; drop only that case.
-            drop_last=sampler is not None and len(dataset) % batch_size == 1,
-        )
+        return make_loader(dataset, batch_size, self.cfg.num_workers, sampler)
 
     def eval_loader(self, split: str) -> DataLoader:
         """Deterministic loader (no augmentation, file order) for any split."""
@@ -47,6 +58,52 @@ class ImageDataModule(L.LightningDataModule):
         labels = [label for _, label in dataset.items]
         sampler = SeededSampler(labels, self.seed, balanced=self.cfg.sampler == "balanced")
         return self._loader(dataset, self.cfg.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader("test")
+
+
+class TensorRows(Dataset):
+    """(x (N, F) float32, y (N,) int64) rows; a key may be an int or a SeededSampler ``(index, seed)`` pair."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = key[0] if isinstance(key, tuple) else key  # rows have no random augmentation
+        return self.x[index], self.y[index]
+
+
+class TabularDataModule(L.LightningDataModule):
+    """Train/val/test loaders over CSV rows run through the run's fitted preprocessor; train order is seeded."""
+
+    def __init__(self, data: TabularData, prep: TabularPreprocessor, data_cfg, seed: int):
+        super().__init__()
+        self.data = data
+        self.prep = prep
+        self.cfg = data_cfg
+        self.seed = seed
+
+    def dataset(self, split: str) -> TensorRows:
+        x = torch.from_numpy(self.prep.transform(self.data.frames[split]))  # (N, F) float32
+        y = torch.tensor([label for _, label in self.data.splits[split]], dtype=torch.long)
+        return TensorRows(x, y)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """Deterministic loader (file order) for any split."""
+        return make_loader(self.dataset(split), self.cfg.eval_batch_size or self.cfg.batch_size, self.cfg.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        sampler = SeededSampler(dataset.y.tolist(), self.seed, balanced=self.cfg.sampler == "balanced")
+        return make_loader(dataset, self.cfg.batch_size, self.cfg.num_workers, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader("val")

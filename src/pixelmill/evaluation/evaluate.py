@@ -29,13 +29,14 @@ def predict_probs(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]
 
 
 def evaluate_loaded(run_dir: Path, net, scan, prep: Preprocessing, split: str, top_k: list[int], data_cfg) -> dict[str, Any]:
-    """Evaluate ``net`` on one split of ``scan``; write outputs, update summary and report."""
-    from pixelmill.data.datamodule import ImageDataModule
+    """Evaluate ``net`` on one split of ``scan`` (image scan or CSV rows); write outputs, update summary and report."""
+    from pixelmill.data.datamodule import ImageDataModule, TabularDataModule
     from pixelmill.evaluation.metrics import write_evaluation
 
-    loader = ImageDataModule(scan, prep, data_cfg, seed=0).eval_loader(split)
+    tabular = data_cfg.kind == "tabular"
+    loader = (TabularDataModule if tabular else ImageDataModule)(scan, prep, data_cfg, seed=0).eval_loader(split)
     y_true, probs = predict_probs(net, loader)
-    paths = [path for path, _ in scan.splits[split]]
+    paths = [path for path, _ in scan.splits[split]]  # image paths, or 'file.csv:LINE' row ids
     metrics = write_evaluation(
         Path(run_dir) / "eval" / split,
         y_true,
@@ -43,12 +44,12 @@ def evaluate_loaded(run_dir: Path, net, scan, prep: Preprocessing, split: str, t
         scan.classes,
         paths,
         top_k=top_k,
-        images=lambda p: load_image(p, prep.channels),
+        images=None if tabular else lambda p: load_image(p, prep.channels),
     )
     evals = runs.read_summary(run_dir).get("eval", {})
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)
-    log.info("%s: accuracy %.4f, macro F1 %.4f on %d images", split, metrics["accuracy"], metrics["f1_macro"], len(y_true))
+    log.info("%s: accuracy %.4f, macro F1 %.4f on %d samples", split, metrics["accuracy"], metrics["f1_macro"], len(y_true))
     return metrics
 
 
@@ -88,6 +89,8 @@ def evaluate_run(
     if split not in ("train", "val", "test"):
         raise ConfigError(f"bad split '{split}'; choose one of: train, val, test")
     cfg = load_saved(run_dir / runs.CONFIG)
+    if cfg.data.kind == "tabular":
+        return _evaluate_tabular_run(run_dir, cfg, split, data, checkpoint)
     summary = runs.read_summary(run_dir)
     classes = summary.get("classes")
     if not classes or "preprocessing" not in summary:
@@ -103,5 +106,29 @@ def evaluate_run(
             raise DataError(f"the run's data has no '{split}' images; pick --split val or pass --data FOLDER")
     net = load_net(create_model(cfg.model.name, len(classes), in_chans=prep.channels), runs.checkpoint_path(run_dir, checkpoint))
     metrics = evaluate_loaded(run_dir, net, scan, prep, name, list(cfg.eval.top_k), cfg.data)
+    write_report(run_dir)
+    return metrics, run_dir / "eval" / name
+
+
+def _evaluate_tabular_run(run_dir: Path, cfg, split: str, data: str | Path | None, checkpoint: str) -> tuple[dict[str, Any], Path]:
+    """``evaluate_run`` for a CSV-trained run: one of its splits, or any CSV with its columns and target."""
+    from pixelmill.data.tabular import load_csv_for_eval
+    from pixelmill.data.tabular_preprocess import TabularPreprocessor
+    from pixelmill.errors import DataError
+    from pixelmill.evaluation.report import write_report
+    from pixelmill.training.checkpoint import load_net
+    from pixelmill.training.fit import _build_net, _scan
+
+    prep = TabularPreprocessor.load(run_dir)  # the saved schema types and checks every CSV
+    if data is not None:
+        rows = load_csv_for_eval(data, prep.schema)
+        name = next(iter(rows.splits))
+    else:
+        rows, name = _scan(cfg, run_dir), split
+        if not rows.splits.get(split):
+            raise DataError(f"the run's data has no '{split}' rows; pick --split val or pass --data FILE.csv")
+    net = _build_net(cfg, len(prep.schema.classes), fresh=True, in_features=prep.n_features)
+    load_net(net, runs.checkpoint_path(run_dir, checkpoint))
+    metrics = evaluate_loaded(run_dir, net, rows, prep, name, list(cfg.eval.top_k), cfg.data)
     write_report(run_dir)
     return metrics, run_dir / "eval" / name

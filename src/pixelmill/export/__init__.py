@@ -81,7 +81,7 @@ def agreement(reference: np.ndarray, exported: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _verdict(figures: dict[str, Any], quantize: str | None, min_agreement: float) -> str | None:
+def verdict(figures: dict[str, Any], quantize: str | None, min_agreement: float) -> str | None:
     """None if the figures pass, else the reason to refuse the bundle."""
     if quantize:
         if figures["top1_agreement"] < min_agreement:
@@ -198,7 +198,7 @@ def export_run(
         wrapper = UInt8Classifier(net, prep).eval()
         model_name, runner = _write_model(fmt, quantize, wrapper, work, torch.from_numpy(batch[:2].copy()), opset)
         figures = agreement(reference, runner(batch))
-        reason = _verdict(figures, quantize, min_int8_agreement)
+        reason = verdict(figures, quantize, min_int8_agreement)
         if reason:
             raise BundleError(f"refusing to write a bundle for '{run_dir}': {reason}")
         meta = {

@@ -20,12 +20,14 @@ def export_torchscript(wrapper: UInt8Classifier, path: Path, sample: torch.Tenso
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper.eval(), (sample,), check_trace=False)
         traced = torch.jit.freeze(traced)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
 
 
 def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """(N, H, W, C) uint8 -> (N, num_classes) float32 through the saved TorchScript module."""
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated in favour of torch.export; it still loads
+        module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

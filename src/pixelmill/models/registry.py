@@ -137,12 +137,14 @@ def create_model(
     in_chans: int = 3,
     drop_rate: float | None = None,
     freeze_backbone: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a classifier network by name with `num_classes` outputs and `in_chans` input channels.
 
     `pretrained=True` downloads hub weights (ModelError when offline); `weights=PATH` loads a
     local .safetensors / state-dict file instead (head keys whose shapes differ are skipped).
-    `freeze_backbone=True` leaves only the classifier head trainable.
+    `freeze_backbone=True` leaves only the classifier head trainable. Extra `kwargs` go to
+    pixelmill's own nets (e.g. `in_features`, `hidden_sizes`, `activation` for `mlp`).
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
@@ -152,7 +154,9 @@ def create_model(
     if weights is not None and pretrained:
         log.info("model.weights is set; loading %s instead of downloading pretrained weights", weights)
         pretrained = False
-    model = _BUILDERS[source](bare, num_classes, pretrained, in_chans, drop_rate)
+    if kwargs and source != "pixelmill":
+        raise ModelError(f"model options {', '.join(sorted(kwargs))} apply to pixelmill's own nets only, not {source} '{bare}'")
+    model = _BUILDERS[source](bare, num_classes, pretrained, in_chans, drop_rate, **kwargs)
     if weights is not None:
         load_weights(model, weights)
     if freeze_backbone:
@@ -160,14 +164,16 @@ def create_model(
     return model
 
 
-def _create_own(name: str, num_classes: int, pretrained: bool, in_chans: int, drop_rate: float | None) -> nn.Module:
+def _create_own(
+    name: str, num_classes: int, pretrained: bool, in_chans: int, drop_rate: float | None, **options: Any
+) -> nn.Module:
     if pretrained:
         raise ModelError(
             f"pixelmill net '{name}' has no pretrained weights; "
             "set model.weights=PATH to a local file, or model.pretrained=false"
         )
     kwargs: dict[str, Any] = {} if drop_rate is None else {"drop_rate": drop_rate}
-    return nets.model_entrypoint(name)(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return nets.model_entrypoint(name)(num_classes=num_classes, in_chans=in_chans, **kwargs, **options)
 
 
 def _create_timm(name: str, num_classes: int, pretrained: bool, in_chans: int, drop_rate: float | None) -> nn.Module:
@@ -215,7 +221,7 @@ def _create_tv(name: str, num_classes: int, pretrained: bool, in_chans: int, dro
     return model
 
 
-_BUILDERS: dict[str, Callable[[str, int, bool, int, float | None], nn.Module]] = {
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "pixelmill": _create_own,
     "timm": _create_timm,
     "torchvision": _create_tv,

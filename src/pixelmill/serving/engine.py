@@ -186,12 +186,10 @@ class DynamicBatcher:
 
 
 def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
-    """A bundle directory as is; a ``models:/`` URI through the MLflow registry."""
-    if model.startswith("models:/"):
-        from pixelmill.registry import resolve_model  # imports mlflow: only when asked for
+    """A bundle directory, a run directory (its bundle/) or a ``models:/`` URI -> a local bundle directory."""
+    from pixelmill.registry import resolve_model  # mlflow itself is imported only for models:/ URIs
 
-        return Path(resolve_model(model, tracking_uri=tracking_uri))
-    return Path(model)
+    return Path(resolve_model(model, tracking_uri=tracking_uri))
 
 
 class Engine:

@@ -53,3 +53,28 @@ class ServeSettings(BaseSettings):
     def ort_intra_threads(self) -> int:
         """ONNX Runtime intra-op threads: explicit, else the CPUs shared out over the workers."""
         return self.intra_op_threads or max(1, available_cpus() // self.workers)
+
+
+def load_settings(**given: object) -> ServeSettings:
+    """Settings from ``given`` (CLI flags) over ``PIXELMILL_*`` variables; a bad value is a ConfigError."""
+    from pydantic import ValidationError
+
+    from pixelmill.errors import ConfigError
+
+    try:
+        return ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"PIXELMILL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConfigError(f"invalid serve settings: {problems}") from None
+
+
+def settings_env(settings: ServeSettings) -> dict[str, str]:
+    """The ``PIXELMILL_*`` variables that rebuild ``settings`` in another process (uvicorn workers)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"PIXELMILL_{name.upper()}"] = str(value)
+    return env

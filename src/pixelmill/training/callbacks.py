@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from pixelmill import runs
+
+log = logging.getLogger(__name__)
 
 
 class RunHistory(Callback):
@@ -75,3 +80,48 @@ class RunHistory(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+
+class GracefulStop(Callback):
+    """SIGINT / SIGTERM: finish the current epoch, save its checkpoint, then stop.
+
+    Stopping at an epoch boundary keeps resume exact. A second Ctrl+C stops at once (the
+    previous epoch's checkpoint stays intact). Installed at train start, after Lightning's
+    own SIGTERM handler (which would stop mid-epoch); left to Lightning under DDP, where it
+    forwards the signal to every rank.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            self.install()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.uninstall()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing this epoch, saving it, then stopping (Ctrl+C again stops now)", self.requested)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.requested:
+            trainer.should_stop = True

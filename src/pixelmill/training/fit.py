@@ -71,7 +71,13 @@ def class_weights(counts: list[int]) -> list[float]:
     return [total / (n * max(c, 1)) for c in counts]
 
 
-def _scan(cfg: DictConfig):
+def _scan(cfg: DictConfig, run_dir: Path | None = None):
+    """The run's data: a verified image scan, or CSV rows (typed by ``run_dir``'s saved schema when given)."""
+    if cfg.data.kind == "tabular":
+        from pixelmill.data.tabular import load_tabular
+        from pixelmill.data.tabular_preprocess import read_schema
+
+        return load_tabular(cfg.data, cfg.seed, schema=read_schema(run_dir) if run_dir else None)
     from pixelmill.data.scan import scan_images
 
     if not cfg.data.path:
@@ -84,9 +90,19 @@ def _scan(cfg: DictConfig):
     return scan
 
 
-def _build_net(cfg: DictConfig, num_classes: int, fresh: bool = False):
+def _build_net(cfg: DictConfig, num_classes: int, fresh: bool = False, in_features: int | None = None):
+    """The network; tabular runs pass ``in_features`` (the preprocessor's output width)."""
     from pixelmill.models import create_model
+    from pixelmill.models.nets import tabular_nets
 
+    takes_rows = cfg.model.name.removeprefix("pixelmill:") in tabular_nets()
+    if cfg.data.kind == "tabular" and not takes_rows:
+        raise ConfigError(f"data.kind=tabular needs a model for table rows; set model.name to one of: {', '.join(tabular_nets())}")
+    if cfg.data.kind != "tabular" and takes_rows:
+        raise ConfigError(f"model '{cfg.model.name}' takes table rows, not images; set data.kind=tabular or pick an image model")
+    rows = {} if in_features is None else {
+        "in_features": in_features, "hidden_sizes": list(cfg.model.hidden_sizes), "activation": cfg.model.activation
+    }
     return create_model(
         cfg.model.name,
         num_classes,
@@ -95,7 +111,19 @@ def _build_net(cfg: DictConfig, num_classes: int, fresh: bool = False):
         in_chans=cfg.model.in_chans,
         drop_rate=cfg.model.drop_rate,
         freeze_backbone=cfg.model.freeze_backbone,
+        **rows,
     )
+
+
+def _net_and_prep(cfg: DictConfig, data) -> tuple[Any, Any]:
+    """A new network and its preprocessing: an image net dictates its input; CSV rows fit a transformer first."""
+    if cfg.data.kind == "tabular":
+        from pixelmill.data.tabular_preprocess import TabularPreprocessor
+
+        prep = TabularPreprocessor.fit(data)  # on the training split only
+        return _build_net(cfg, len(data.classes), in_features=prep.n_features), prep
+    net = _build_net(cfg, len(data.classes))
+    return net, resolve_preprocessing(cfg, net)
 
 
 def _new_run_dir(cfg: DictConfig) -> Path:
@@ -122,11 +150,12 @@ def train(cfg: DictConfig) -> RunResult:
     started = time.time()
     scan = _scan(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
-    net = _build_net(cfg, len(scan.classes))
-    prep = resolve_preprocessing(cfg, net)
+    net, prep = _net_and_prep(cfg, scan)
     check_trackers(cfg)
     run_dir = _new_run_dir(cfg)
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
+    if cfg.data.kind == "tabular":
+        prep.save(run_dir)  # schema.json + preprocessor.joblib, read back by resume, evaluate and export
     runs.update_summary(
         run_dir,
         run_name=run_dir.name,
@@ -154,13 +183,19 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
     validate(cfg)
     ckpt = runs.checkpoint_path(run_dir, "last")
     summary = runs.read_summary(run_dir)
-    scan = _scan(cfg)
+    scan = _scan(cfg, run_dir)
     if scan.fingerprint != summary.get("data", {}).get("fingerprint"):
         log.warning("the data under %s changed since this run started; resuming on the files as they are now", cfg.data.path)
     if scan.classes != summary.get("classes"):
         raise DataError(f"the classes changed since this run started ({summary.get('classes')} -> {scan.classes}); start a new run")
-    net = _build_net(cfg, len(scan.classes), fresh=True)
-    prep = Preprocessing.from_dict(summary["preprocessing"])
+    if cfg.data.kind == "tabular":
+        from pixelmill.data.tabular_preprocess import TabularPreprocessor
+
+        prep = TabularPreprocessor.load(run_dir)
+        net = _build_net(cfg, len(scan.classes), fresh=True, in_features=prep.n_features)
+    else:
+        net = _build_net(cfg, len(scan.classes), fresh=True)
+        prep = Preprocessing.from_dict(summary["preprocessing"])
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     log.info("resuming %s from %s", run_dir, ckpt)
     return _fit(cfg, run_dir, scan, net, prep, ckpt_path=ckpt)
@@ -169,11 +204,12 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-    from pixelmill.training.callbacks import RunHistory
+    from pixelmill.training.callbacks import GracefulStop, RunHistory
 
     t = cfg.trainer
     callbacks: list = [
         RunHistory(run_dir),
+        GracefulStop(),
         ModelCheckpoint(
             dirpath=run_dir / runs.CHECKPOINTS,
             filename="best",
@@ -272,8 +308,8 @@ class _RunLog:
 def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_path: Path | None) -> RunResult:
     import lightning as L
 
-    from pixelmill.data.datamodule import ImageDataModule
     from pixelmill import tracking
+    from pixelmill.data.datamodule import ImageDataModule, TabularDataModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     summary = runs.read_summary(run_dir)
@@ -285,18 +321,27 @@ def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_pa
         callbacks = _callbacks(cfg, run_dir)
         trainer = _trainer(cfg, run_dir, callbacks, loggers)
         module = _module(cfg, net, scan)
-        datamodule = ImageDataModule(scan, prep, cfg.data, cfg.seed)
+        datamodule_cls = {"image": ImageDataModule, "tabular": TabularDataModule}[cfg.data.kind]
+        datamodule = datamodule_cls(scan, prep, cfg.data, cfg.seed)
         runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
         fit_start = time.time()
+        history, stopper = callbacks[0], callbacks[1]
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
-            runs.update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
-            tracking.finish(loggers, "failed")
+            # Ctrl+C twice (Lightning exits with SystemExit) is an interruption, not a failure.
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            status = "interrupted" if stopped else "failed"
+            runs.update_summary(run_dir, status=status, error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
+            tracking.finish(loggers, status)
             raise
+        finally:
+            stopper.uninstall()
         fit_s = time.time() - fit_start
-        history = callbacks[0]
-        status = "interrupted" if trainer.interrupted else "finished"
+        done = len(history.rows) >= cfg.trainer.max_epochs
+        status = "interrupted" if trainer.interrupted or (stopper.requested and not done) else "finished"
+        if status == "interrupted":
+            log.warning("stopped after epoch %d; continue with: pixelmill train resume=%s", len(history.rows) - 1, run_dir)
         best = history.best(cfg.trainer.monitor, cfg.trainer.mode)
         durations = {**runs.read_summary(run_dir).get("durations", {}), "fit_s": round(fit_s, 3)}
         runs.update_summary(

@@ -1,0 +1,150 @@
+"""Native API: ``POST /predict`` (multipart images or base64 JSON) and ``GET /model``."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from pixelmill.inference import to_predictions
+from pixelmill.serving.images import decode_base64, decode_images
+from pixelmill.serving.routes import ERRORS, engine_of, settings_of
+from pixelmill.serving.schemas import ImagePrediction, InstancesRequest, ModelInfo, PredictResponse
+
+router = APIRouter(tags=["native"])
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "items": {
+                                "anyOf": [
+                                    {"type": "string", "description": "base64 image file (or a data: URL)"},
+                                    {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                                ]
+                            },
+                        }
+                    },
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
+}
+
+
+async def _multipart_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files, max_part_size=64 * 1024)
+    except HTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise HTTPException(413, f"too many files; send at most {max_files} per request") from None
+        raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
+    except Exception as exc:  # the parser gave up on these bytes
+        raise HTTPException(400, f"malformed multipart body: {str(exc)[:200]}") from None
+    try:
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise HTTPException(422, "no image files in the multipart body; send them in the field 'files' (with a filename)")
+        return [(upload.filename or f"files[{i}]", await upload.read()) for i, upload in enumerate(uploads)]
+    finally:
+        await form.close()
+
+
+async def _json_instances(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        payload = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise HTTPException(400, f"malformed JSON: {str(exc)[:200]}") from None
+    try:
+        instances = InstancesRequest.model_validate(payload).instances
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise HTTPException(422, f'expected {{"instances": [base64 images]}}: {problems}') from None
+    if not instances:
+        raise HTTPException(422, "'instances' is empty; send at least one base64 image")
+    if len(instances) > max_files:
+        raise HTTPException(413, f"too many instances ({len(instances)}); send at most {max_files} per request")
+    out = []
+    for i, item in enumerate(instances):
+        name = f"instances[{i}]"
+        out.append((name, decode_base64(item if isinstance(item, str) else item.b64, name)))
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (e.g. an undefined AUC in bundle.json) -> None, so the JSON stays valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_PREDICT_BODY)
+async def predict(
+    request: Request,
+    top_k: Optional[int] = Query(None, ge=1, le=10_000, description="How many classes to list per image (default: server's top_k)."),
+) -> PredictResponse:
+    """Classify one or more images: multipart files (field ``files``) or JSON ``{"instances": [base64, ...]}``.
+
+    Returns per image the label, its confidence, the top-k and every class's probability.
+    """
+    engine, settings = engine_of(request), settings_of(request)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        files = await _multipart_files(request, settings.max_files)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        files = await _json_instances(request, settings.max_files)
+    else:
+        raise HTTPException(415, "send images as multipart/form-data (field 'files') or JSON {\"instances\": [base64 images]}")
+    request.state.images = len(files)
+    batch = await run_in_threadpool(decode_images, files, engine.bundle.preprocessing, settings.max_pixels)  # (N, H, W, C)
+    probs = await engine.infer(batch)  # (N, num_classes)
+    predictions = to_predictions(probs, engine.classes, top_k or settings.top_k)
+    return PredictResponse(
+        model=engine.bundle.name,
+        version=engine.version,
+        predictions=[ImagePrediction(file=name, **p.to_dict()) for (name, _), p in zip(files, predictions)],
+    )
+
+
+@router.get("/model", response_model=ModelInfo, responses=ERRORS)
+async def model_info(request: Request) -> ModelInfo:
+    """The served model: name, version, classes, input size, preprocessing and evaluation metrics."""
+    engine = engine_of(request)
+    meta = engine.bundle.meta
+    return ModelInfo(
+        name=engine.bundle.name,
+        version=engine.version,
+        model_name=meta.get("model_name"),
+        classes=engine.classes,
+        input=meta.get("input", {}),
+        input_size=list(engine.input_shape),
+        output=meta.get("output", {}),
+        preprocessing=meta.get("preprocessing", {}),
+        metrics=_finite(meta.get("metrics") or {}),
+        versions=meta.get("versions") or {},
+        sha256=meta.get("files", {}).get(meta.get("model_file", "")),
+    )

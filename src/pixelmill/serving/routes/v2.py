@@ -1,0 +1,123 @@
+"""Open Inference Protocol v2 (KServe / Triton REST): server and model metadata, readiness, infer.
+
+Triton clients (``tritonclient.http``) work unchanged, JSON or binary tensors, with or
+without a model version in the path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from pixelmill import __version__
+from pixelmill.serving.engine import Engine
+from pixelmill.serving.routes import ERRORS, engine_of, settings_of
+from pixelmill.serving.schemas import InferRequest, InferResponse, ModelMetadata, ReadyResponse, ServerMetadata, TensorSpec, inline_schema
+from pixelmill.serving.tensors import HEADER_LENGTH, encode_response, input_batch, output_requests, parse_request, split_body
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON tensors; Triton's binary tensor extension appends raw bytes after the JSON "
+        "and sends its length in the Inference-Header-Content-Length header.",
+        "content": {"application/json": {"schema": inline_schema(InferRequest)}},
+    }
+}
+_INFER_RESPONSES = {**ERRORS, 200: {"model": InferResponse, "description": "Output tensors (JSON, or JSON + binary)"}}
+
+
+def _model(request: Request, name: str, version: Optional[str]) -> Engine:
+    """The engine if ``name`` (and ``version``, when given) is what this server serves, else 404."""
+    engine = engine_of(request)
+    if name != engine.bundle.name:
+        raise HTTPException(404, f"unknown model '{name[:100]}'; this server serves '{engine.bundle.name}'")
+    if version not in (None, "", engine.version):
+        raise HTTPException(404, f"model '{name}' has no version '{version[:40]}'; it serves version '{engine.version}'")
+    return engine
+
+
+@router.get("", response_model=ServerMetadata, responses=ERRORS)
+async def server_metadata() -> ServerMetadata:
+    """Server name, version and the protocol extensions it supports."""
+    return ServerMetadata(name="pixelmill", version=__version__, extensions=["binary_tensor_data", "classification", "model_configuration"])
+
+
+def _metadata(engine: Engine) -> ModelMetadata:
+    return ModelMetadata(
+        name=engine.bundle.name,
+        versions=[engine.version],
+        platform="onnxruntime_onnx",
+        inputs=[TensorSpec(name=engine.bundle.input_name, datatype="UINT8", shape=[-1, *engine.input_shape])],
+        outputs=[TensorSpec(name=engine.bundle.output_name, datatype="FP32", shape=[-1, len(engine.classes)])],
+    )
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+async def model_metadata(name: str, request: Request) -> ModelMetadata:
+    """Input and output tensors of the model: UINT8 [-1, H, W, C] in, FP32 [-1, classes] out."""
+    return _metadata(_model(request, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+async def model_version_metadata(name: str, version: str, request: Request) -> ModelMetadata:
+    """Model metadata for an explicit version."""
+    return _metadata(_model(request, name, version))
+
+
+@router.get("/models/{name}/ready", response_model=ReadyResponse, responses=ERRORS)
+async def model_ready(name: str, request: Request) -> ReadyResponse:
+    """200 when the model can take requests."""
+    return ReadyResponse(name=_model(request, name, None).bundle.name, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ReadyResponse, responses=ERRORS)
+async def model_version_ready(name: str, version: str, request: Request) -> ReadyResponse:
+    """200 when that version of the model can take requests."""
+    return ReadyResponse(name=_model(request, name, version).bundle.name, ready=True)
+
+
+@router.get("/models/{name}/config", responses=ERRORS)
+async def model_config(name: str, request: Request) -> dict[str, Any]:
+    """A Triton-style model configuration (for clients that ask for it)."""
+    engine, settings = _model(request, name, None), settings_of(request)
+    return {
+        "name": engine.bundle.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": settings.max_infer_batch,
+        "input": [{"name": engine.bundle.input_name, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": list(engine.input_shape)}],
+        "output": [{"name": engine.bundle.output_name, "data_type": "TYPE_FP32", "dims": [len(engine.classes)]}],
+        "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size], "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)},
+    }
+
+
+async def _infer(request: Request, engine: Engine) -> Response:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise HTTPException(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
+    settings = settings_of(request)
+    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    infer_request = parse_request(header)
+    outputs = output_requests(infer_request, engine.bundle.output_name)
+    batch = input_batch(infer_request, binary, engine.bundle.input_name, engine.input_shape, settings.max_infer_batch)  # (N, H, W, C)
+    request.state.images = len(batch)
+    probs = await engine.infer(batch)  # (N, num_classes)
+    body, header_length = encode_response(engine.bundle.name, engine.version, infer_request.id, probs, engine.classes, outputs)
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+@router.post("/models/{name}/infer", response_model=None, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
+async def infer(name: str, request: Request) -> Response:
+    """Run the model on a UINT8 [N, H, W, C] tensor named after the bundle's input ('image')."""
+    return await _infer(request, _model(request, name, None))
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=None, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    """Inference on an explicit model version."""
+    return await _infer(request, _model(request, name, version))

@@ -1,0 +1,40 @@
+"""``serve(settings)``: resolve and verify the bundle, then run uvicorn (one or more workers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pixelmill.export.bundle import read_bundle
+from pixelmill.serving.engine import resolve_bundle_path
+from pixelmill.serving.logs import logging_config
+from pixelmill.serving.settings import ServeSettings, settings_env
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Serve until interrupted. A bad bundle fails here (BundleError), before any port is bound.
+
+    A ``models:/`` URI is resolved once, so every worker loads the same local bundle.
+    """
+    import uvicorn
+
+    path = resolve_bundle_path(settings.model, settings.tracking_uri)
+    read_bundle(path, verify=True)
+    settings = settings.model_copy(update={"model": str(path)})
+    options = dict(
+        host=settings.host,
+        port=settings.port,
+        log_config=logging_config(settings.log_level),
+        access_log=False,  # RequestContextMiddleware writes a structured one
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    if settings.workers == 1:
+        from pixelmill.serving.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+        return
+    os.environ.update(settings_env(settings))  # workers are new processes: they read PIXELMILL_*
+    uvicorn.run("pixelmill.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
