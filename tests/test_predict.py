@@ -69,8 +69,10 @@ def test_predict_cli_json_and_table(bundle_dir: Path, image_dir: Path, tmp_path:
     assert missing["source"].endswith("missing.png") and "does not exist" in missing["error"] and missing["label"] is None
     assert all(len(p["top_k"]) == 2 and p["error"] is None for p in preds[:-1])
 
-    table = CliRunner().invoke(app, ["predict", str(bundle_dir), str(image_dir / "more")])
-    assert table.exit_code == 0 and "digit5.png" in table.output and "1 prediction" in table.output
+    table = CliRunner().invoke(app, ["predict", str(bundle_dir), str(image_dir / "more"), "--top-k", "1"])
+    expected = Predictor.load(bundle_dir).predict([image_dir / "more" / "digit5.png"])[0]
+    assert table.exit_code == 0 and "1 prediction(s)" in table.output and "error" not in table.output
+    assert f"{expected.confidence:.4f}" in table.output
 
 
 def test_predictor_accepts_paths_pil_and_numpy(bundle_dir: Path, digits_root: Path) -> None:

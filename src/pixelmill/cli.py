@@ -231,9 +231,11 @@ def runs_compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more ru
 
 def _quiet_exporters() -> None:
     """Exporter, quantiser and MLflow chatter (warnings, INFO lines) stays out of the CLI output."""
+    import os
     import warnings
 
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     for name in ("torch.onnx", "onnxruntime", "onnxscript", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -357,7 +359,7 @@ def registry_list(
 
     _quiet_exporters()
     versions = list_versions(name, tracking_uri=tracking_uri)
-    console.print(_versions_table(f"{name} versions" if name else "registered models (latest versions)", versions))
+    console.print(_versions_table(f"{name} versions" if name else "registered models (latest and aliased versions)", versions))
 
 
 @registry_app.command("promote")
@@ -374,9 +376,10 @@ def registry_promote(
     info = promote(name, version, alias=alias, tracking_uri=tracking_uri)
     console.print(f"models:/{info.name}@{alias} -> version {info.version}")
 
+
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="A bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION."),
+    model: str = typer.Argument(..., help="A bundle directory, a run directory (its bundle/), models:/NAME@ALIAS or models:/NAME/VERSION."),
     host: Optional[str] = typer.Option(None, help="Bind address [default: 127.0.0.1, or $PIXELMILL_HOST]."),
     port: Optional[int] = typer.Option(None, help="Port [default: 8000, or $PIXELMILL_PORT]."),
     workers: Optional[int] = typer.Option(None, help="uvicorn worker processes [default: 1, or $PIXELMILL_WORKERS]."),
@@ -390,6 +393,40 @@ def serve(
     from pixelmill.serving.settings import load_settings
 
     run_server(load_settings(model=model, host=host, port=port, workers=workers, tracking_uri=tracking_uri))
+
+
+@app.command()
+def tune(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides applied to every trial."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The base YAML config of every trial."),
+    space: Path = typer.Option(..., "--space", help="YAML: config key -> {type: float|int|categorical, low, high, log, step | choices}."),
+    trials: int = typer.Option(..., "--trials", min=1, help="Complete + pruned trials the study should have, across all workers."),
+    storage: Optional[str] = typer.Option(None, help="Study database shared by workers (postgresql://..., mysql://...) [default: sqlite in the study dir]."),
+    study: Optional[str] = typer.Option(None, help="Study name, also the trials' experiment [default: EXPERIMENT-tune]."),
+    heartbeat: int = typer.Option(30, min=1, help="Seconds between trial heartbeats; a trial silent for two is failed and retried."),
+    startup_trials: int = typer.Option(5, min=0, help="Trials that finish before the median pruner prunes any."),
+    warmup_epochs: int = typer.Option(1, min=0, help="Epochs of every trial that are never pruned."),
+) -> None:
+    """Search hyper-parameters with Optuna; each trial is a run. Start it on several machines to share one study."""
+    from pixelmill.tuning import tune as run_tune
+
+    _setup_logging()
+    result = run_tune(
+        space, trials, overrides or [], config, storage=storage, study_name=study, heartbeat=heartbeat,
+        startup_trials=startup_trials, warmup_epochs=warmup_epochs,
+    )
+    table = Table(title=f"study {result.study_name} ({result.storage})")
+    for column in ("trial", "state", "value", "params", "run"):
+        table.add_column(column, justify="right" if column in ("trial", "value") else "left", overflow="fold")
+    for row in result.trials:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
+        table.add_row(str(row["number"]), row["state"], "" if row["value"] is None else _fmt(row["value"]), params, Path(row["run_dir"] or "").name)
+    console.print(table)
+    if result.best:
+        console.print(f"best: trial {result.best['number']} ({_fmt(result.best['value'])})")
+        console.print(f"best config: {result.best_config} (pixelmill train --config {result.best_config})")
+    for plot in result.plots:
+        console.print(f"plot: {plot}")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pixelmill.data.preprocess import Preprocessing, load_image, to_model_input
 from pixelmill.errors import BundleError, DataError
@@ -64,8 +64,10 @@ def prepare_image(image: ImageLike, prep: Preprocessing) -> np.ndarray:
             image = load_image(image, prep.channels)
         except FileNotFoundError:
             raise DataError(f"image file '{image}' does not exist") from None
+        except UnidentifiedImageError:
+            raise DataError(f"cannot read image '{image}': not an image file, or a format Pillow cannot open") from None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"cannot read image '{image}': {exc}") from None
+            raise DataError(f"cannot read image '{image}': {getattr(exc, 'strerror', None) or exc}") from None
     elif isinstance(image, np.ndarray):
         image = array_to_image(image)
     elif not isinstance(image, Image.Image):

@@ -232,6 +232,9 @@ def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, meta: dict[str, 
             name=MODEL_ARTIFACT_NAME,
             signature=_signature(meta),
             save_as_external_data=False,
+            # The flavour's pinned onnx/onnxruntime: skips MLflow's requirement inference, a
+            # subprocess that reloads the model and costs seconds per registration.
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
         mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
     return run.info.run_id, info.model_uri
@@ -280,7 +283,7 @@ def register(
 
 
 def list_versions(name: str | None = None, tracking_uri: str | None = None) -> list[VersionInfo]:
-    """Every version of ``name`` (newest first), or the latest version of every registered model."""
+    """Every version of ``name`` (newest first), or the latest and the aliased versions of every registered model."""
     uri = tracking_uri_for(None, tracking_uri)
     with _tracking(uri):
         return _list_versions(_client(uri), uri, name)
@@ -300,7 +303,10 @@ def _list_versions(client: Any, uri: str, name: str | None) -> list[VersionInfo]
     out = []
     for model in _retry(lambda: client.search_registered_models()):
         aliases = {a: int(v) for a, v in (model.aliases or {}).items()}
-        for mv in model.latest_versions or []:
+        latest = {int(mv.version): mv for mv in model.latest_versions or []}
+        for version in set(aliases.values()) - set(latest):  # aliased versions show too, e.g. an older @champion
+            latest[version] = _retry(lambda: client.get_model_version(model.name, str(version)))
+        for mv in latest.values():
             info = _version_info(mv)
             info.aliases = sorted(a for a, v in aliases.items() if v == info.version)
             out.append(info)

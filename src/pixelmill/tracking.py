@@ -82,6 +82,7 @@ def _mlflow(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
         tracking_uri=cfg.tracking.mlflow.uri,
         artifact_location=_artifact_uri(cfg.tracking.mlflow.artifact_location),
         run_id=ids.get("mlflow"),
+        tags={"mlflow.parentRunId": cfg.tracking.mlflow.parent_run_id} if cfg.tracking.mlflow.parent_run_id else None,
     )
     if ids.get("mlflow"):
         logger.experiment.update_run(ids["mlflow"], status="RUNNING")  # a resumed run is running again

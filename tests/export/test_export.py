@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pixelmill.errors import BundleError
 from pixelmill.export import export_run, verdict
 from pixelmill.export.bundle import read_bundle, sha256_file
 from pixelmill.inference import OnnxClassifier
+from pixelmill.predict import Predictor
 
 
 def _digits(root: Path, split: str = "test", n: int = 12) -> list[Path]:
@@ -149,13 +151,18 @@ def test_torchscript_bundle_has_the_same_contract(trained_run: Path, bundle_dir:
     assert sorted(p.name for p in bundle.path.iterdir()) == ["bundle.json", "model.pt"]
     check = bundle.meta["export"]
     assert check["format"] == "torchscript" and check["top1_agreement"] == 1.0 and check["max_abs_diff"] <= 1e-4
-    module = torch.jit.load(str(bundle.model_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        module = torch.jit.load(str(bundle.model_file))
     onnx_clf = OnnxClassifier(read_bundle(bundle_dir))
     batch = np.stack([onnx_clf.prepare(p) for p in _digits(digits_root, n=7)])
     with torch.inference_mode():
         probs = module(torch.from_numpy(batch)).numpy()
     assert probs.shape == (7, 10) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, onnx_clf.run(batch), atol=1e-5)
+    images = _digits(digits_root, n=7)
+    ts_preds, onnx_preds = Predictor.load(bundle.path).predict(images), Predictor.load(bundle_dir).predict(images)
+    assert [p.label for p in ts_preds] == [p.label for p in onnx_preds]
 
 
 def test_serving_path_never_imports_torch(bundle_dir: Path, digits_root: Path) -> None:
@@ -164,6 +171,7 @@ def test_serving_path_never_imports_torch(bundle_dir: Path, digits_root: Path) -
 import sys
 from pixelmill.export.bundle import read_bundle
 from pixelmill.inference import OnnxClassifier
+from pixelmill.predict import Predictor
 from pixelmill.registry import resolve_model
 from pixelmill import Predictor
 bundle = read_bundle(resolve_model({str(bundle_dir)!r}))

@@ -116,6 +116,10 @@ def validate(cfg: DictConfig) -> None:
             hi = "inf" if high is None else high
             bracket = "[" if inclusive else "("
             raise ConfigError(f"bad value {value} for '{key}'; must be in {bracket}{lo}, {hi}]")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and value > 1.0):
+            raise ConfigError(f"bad value {value!r} for '{key}'; give a number of batches (an integer) or a fraction in (0, 1]")
     loggers = list(cfg.logger)
     unknown = [name for name in loggers if name not in LOGGERS]
     if unknown:

@@ -82,6 +82,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
+    num_nodes: int = 1
+    sync_batchnorm: bool = False
     precision: str = "32"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 0.0
@@ -89,8 +91,9 @@ class TrainerConfig:
     monitor: str = "val/acc"
     mode: str = "max"
     early_stopping_patience: int = 0
-    limit_train_batches: float = 1.0
-    limit_val_batches: float = 1.0
+    # Lightning's meaning: an int is a number of batches, a float in (0, 1] a fraction.
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
     log_every_n_steps: int = 10
     progress_bar: bool = True
 
@@ -99,6 +102,7 @@ class TrainerConfig:
 class MlflowConfig:
     uri: str = "sqlite:///mlruns.db"
     artifact_location: str = "./mlartifacts"
+    parent_run_id: Optional[str] = None  # nests the run under another (hyper-parameter search)
 
 
 @dataclass
@@ -185,6 +189,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "trainer.limit_train_batches": (0.0, None, False),
     "trainer.limit_val_batches": (0.0, None, True),
     "trainer.log_every_n_steps": (1, None, True),
+    "trainer.num_nodes": (1, None, True),
     "seed": (0, 2**32 - 1, True),
 }
 

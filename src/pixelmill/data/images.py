@@ -46,7 +46,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
     """Shuffled (or class-balanced) order plus a per-sample augmentation seed, per epoch.
 
     Order and seeds are a pure function of (seed, epoch): Lightning calls ``set_epoch``,
-    so a resumed run draws exactly what an uninterrupted one would have drawn.
+    so a resumed run draws exactly what an uninterrupted one would have drawn. Under
+    distributed training each rank takes every ``world``-th position of the same global
+    order, so the global batch of N ranks x B equals a one-process batch of N x B.
     """
 
     def __init__(self, labels: list[int], seed: int, balanced: bool = False):
@@ -58,8 +60,17 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return len(self.labels)
+        _, world = self._world()
+        return -(-len(self.labels) // world)
 
     def weights(self) -> torch.Tensor:
         """Per-sample weights that give every class the same expected share."""
@@ -74,4 +85,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
         else:
             order = torch.randperm(n, generator=g)
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        pairs = list(zip(order.tolist(), seeds.tolist()))
+        rank, world = self._world()
+        if world > 1:
+            pairs += pairs[: len(self) * world - n]  # pad so every rank gets as many
+            pairs = pairs[rank::world]
+        return iter(pairs)

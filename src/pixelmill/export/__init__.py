@@ -27,6 +27,7 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 QUANTIZE = (None, "int8")
 MAX_ABS_DIFF = 1e-4  # float32 export: probabilities may differ by at most this much
 MIN_INT8_AGREEMENT = 0.99  # int8 export: share of images whose top-1 must match PyTorch
+DEFAULT_OPSET = 17
 
 
 def default_out(run_dir: Path, fmt: str, quantize: str | None) -> Path:
@@ -143,6 +144,47 @@ def _move_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_run(run_dir: Path, checkpoint: str):
+    """(summary, config, network in eval mode with the checkpoint's weights, checkpoint epoch)."""
+    from pixelmill.config import load_saved
+    from pixelmill.models import create_model
+    from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
+
+    summary = runs.read_summary(run_dir)
+    if not summary.get("classes") or "preprocessing" not in summary:
+        raise BundleError(f"'{run_dir}' has no classes/preprocessing in summary.json; it never started training")
+    cfg = load_saved(run_dir / runs.CONFIG)
+    ckpt = read_checkpoint(runs.checkpoint_path(run_dir, checkpoint))
+    net = create_model(cfg.model.name, len(summary["classes"]), in_chans=int(summary["preprocessing"]["channels"]))
+    net.load_state_dict(net_state_dict(ckpt), strict=True)
+    return summary, cfg, net.eval(), ckpt.get("epoch")
+
+
+def _bundle_meta(
+    run_dir: Path, summary: dict[str, Any], cfg, prep: Preprocessing, classes: list[str],
+    name: str | None, model_file: str, checkpoint: str, epoch: int | None,
+) -> dict[str, Any]:
+    """bundle.json without ``export`` and ``files``: what the model is, where it came from, how good it is."""
+    run_name = summary.get("run_name", run_dir.name)
+    return {
+        "format": "pixelmill-bundle",
+        "format_version": 1,
+        "kind": "image",
+        "name": name or f"{summary.get('experiment', cfg.experiment)}-{run_name}",
+        "model_name": cfg.model.name,
+        "model_file": model_file,
+        "classes": classes,
+        "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "shape": [-1, prep.size, prep.size, prep.channels]},
+        "output": {"name": "probabilities", "shape": [-1, len(classes)]},
+        "preprocessing": prep.to_dict(),
+        "metrics": {"eval": summary.get("eval", {}), "best": summary.get("best")},
+        "data_fingerprint": summary.get("data", {}).get("fingerprint"),
+        "run": {"run_dir": str(run_dir.resolve()), "run_name": run_name, "checkpoint": checkpoint, "epoch": epoch},
+        "versions": _versions(),
+        "created_at": runs.now_iso(),
+    }
+
+
 def export_run(
     run_dir: str | Path,
     checkpoint: str = "best",
@@ -150,7 +192,7 @@ def export_run(
     quantize: str | None = None,
     out: str | Path | None = None,
     max_images: int = 64,
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     name: str | None = None,
     min_int8_agreement: float = MIN_INT8_AGREEMENT,
 ) -> Bundle:
@@ -163,10 +205,7 @@ def export_run(
     """
     import torch
 
-    from pixelmill.config import load_saved
     from pixelmill.export.onnx import UInt8Classifier
-    from pixelmill.models import create_model
-    from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
 
     if fmt not in FORMATS:
         raise ConfigError(f"invalid export format '{fmt}'; only {', '.join(FORMATS)} are supported")
@@ -175,16 +214,8 @@ def export_run(
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8 needs --format onnx")
     run_dir = runs.resolve_run_dir(run_dir)
-    summary = runs.read_summary(run_dir)
-    if not summary.get("classes") or "preprocessing" not in summary:
-        raise BundleError(f"'{run_dir}' has no classes/preprocessing in summary.json; it never started training")
-    cfg = load_saved(run_dir / runs.CONFIG)
+    summary, cfg, net, epoch = _load_run(run_dir, checkpoint)
     classes, prep = list(summary["classes"]), Preprocessing.from_dict(summary["preprocessing"])
-    ckpt_path = runs.checkpoint_path(run_dir, checkpoint)
-    ckpt = read_checkpoint(ckpt_path)
-    net = create_model(cfg.model.name, len(classes), in_chans=prep.channels)
-    net.load_state_dict(net_state_dict(ckpt), strict=True)
-    net.eval()
 
     paths = check_images(cfg, summary, run_dir, max_images)
     batch = np.stack([to_model_input(load_image(p, prep.channels), prep) for p in paths])  # (N, H, W, C) uint8
@@ -201,30 +232,10 @@ def export_run(
         reason = verdict(figures, quantize, min_int8_agreement)
         if reason:
             raise BundleError(f"refusing to write a bundle for '{run_dir}': {reason}")
-        meta = {
-            "format": "pixelmill-bundle",
-            "format_version": 1,
-            "kind": "image",
-            "name": name or f"{summary.get('experiment', cfg.experiment)}-{summary.get('run_name', run_dir.name)}",
-            "model_name": cfg.model.name,
-            "model_file": model_name,
-            "classes": classes,
-            "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "shape": [-1, prep.size, prep.size, prep.channels]},
-            "output": {"name": "probabilities", "shape": [-1, len(classes)]},
-            "preprocessing": prep.to_dict(),
-            "metrics": {"eval": summary.get("eval", {}), "best": summary.get("best")},
-            "data_fingerprint": summary.get("data", {}).get("fingerprint"),
-            "run": {
-                "run_dir": str(run_dir.resolve()),
-                "run_name": summary.get("run_name", run_dir.name),
-                "checkpoint": checkpoint,
-                "epoch": ckpt.get("epoch"),
-            },
-            "versions": _versions(),
-            "export": {"format": fmt, "opset": opset if fmt == "onnx" else None, "quantize": quantize, **figures}
-            | ({"min_top1_agreement": min_int8_agreement} if quantize else {}),
-            "created_at": runs.now_iso(),
-        }
+        meta = _bundle_meta(run_dir, summary, cfg, prep, classes, name, model_name, checkpoint, epoch)
+        meta["export"] = {"format": fmt, "opset": opset if fmt == "onnx" else None, "quantize": quantize, **figures}
+        if quantize:
+            meta["export"]["min_top1_agreement"] = min_int8_agreement
         write_bundle(work, meta, [model_name])
         _move_into_place(work, out)
     finally:

@@ -64,15 +64,20 @@ def _default_cfg(in_chans: int, size: int) -> dict[str, Any]:
     }
 
 
-class ConvBlock(nn.Sequential):
-    """conv3x3 (no bias) -> BatchNorm -> ReLU, repeated `depth` times, then 2x2 max-pool."""
+def _norm(kind: str, chs: int) -> nn.Module:
+    # GroupNorm does not depend on the batch: the same result on one process or split over ranks.
+    return nn.BatchNorm2d(chs) if kind == "batch" else nn.GroupNorm(min(8, chs), chs)
 
-    def __init__(self, in_chs: int, out_chs: int, depth: int = 1) -> None:
+
+class ConvBlock(nn.Sequential):
+    """conv3x3 (no bias) -> BatchNorm (or GroupNorm) -> ReLU, repeated `depth` times, then 2x2 max-pool."""
+
+    def __init__(self, in_chs: int, out_chs: int, depth: int = 1, norm: str = "batch") -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i in range(depth):
             suffix = "" if i == 0 else str(i + 1)
             layers[f"conv{suffix}"] = nn.Conv2d(in_chs if i == 0 else out_chs, out_chs, 3, padding=1, bias=False)
-            layers[f"bn{suffix}"] = nn.BatchNorm2d(out_chs)
+            layers[f"bn{suffix}"] = _norm(norm, out_chs)
             layers[f"act{suffix}"] = nn.ReLU(inplace=True)
         layers["pool"] = nn.MaxPool2d(2)
         super().__init__(layers)
@@ -89,6 +94,7 @@ class ConvNet(nn.Module):
         hidden: Width of an extra Linear-ReLU-Dropout layer before the classifier (0 = none).
         drop_rate: Dropout probability before each Linear of the head.
         input_size: Default square input size in pixels, recorded in `default_cfg`.
+        norm: "batch" (BatchNorm) or "group" (GroupNorm, independent of the batch size).
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class ConvNet(nn.Module):
         hidden: int = 0,
         drop_rate: float = 0.2,
         input_size: int = 32,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -107,7 +114,7 @@ class ConvNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         chs = [in_chans, *channels]
-        self.features = nn.Sequential(*(ConvBlock(chs[i], chs[i + 1], depth) for i in range(len(channels))))
+        self.features = nn.Sequential(*(ConvBlock(chs[i], chs[i + 1], depth, norm) for i in range(len(channels))))
         self.pool = nn.AdaptiveAvgPool2d(1)
         width = channels[-1]
         if hidden:
@@ -147,6 +154,13 @@ class ConvNet(nn.Module):
 def small_cnn(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.2, **kwargs: Any) -> ConvNet:
     """Small fast CNN for 32-128 px images (digits, CIFAR-like): 3 blocks of 32/64/128 channels."""
     cfg: dict[str, Any] = dict(channels=(32, 64, 128), depth=1, hidden=0, input_size=32)
+    return ConvNet(num_classes, in_chans, drop_rate=drop_rate, **{**cfg, **kwargs})
+
+
+@register_model
+def small_cnn_gn(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.2, **kwargs: Any) -> ConvNet:
+    """small_cnn with GroupNorm: batch-size independent (tiny batches, CPU multi-process training)."""
+    cfg: dict[str, Any] = dict(channels=(32, 64, 128), depth=1, hidden=0, input_size=32, norm="group")
     return ConvNet(num_classes, in_chans, drop_rate=drop_rate, **{**cfg, **kwargs})
 
 

@@ -185,7 +185,9 @@ class BodyLimitMiddleware:
     """413 for a body over ``max_bytes``: at once from Content-Length, else as soon as the stream passes it.
 
     Whatever the app was doing with the body when the limit passed is dropped and replaced
-    by the 413, so no parser downstream sees more than ``max_bytes``.
+    by the 413, so no parser downstream sees more than ``max_bytes``. uvicorn discards the
+    rest of an unread body (until its keep-alive timeout) instead of resetting the
+    connection, so the client gets to read the 413.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -203,7 +205,7 @@ class BodyLimitMiddleware:
                 await send_error(send, 400, f"invalid Content-Length {length[:40]!r}")
                 return
             if int(length) > self.max_bytes:
-                await send_error(send, 413, too_large, {"Connection": "close"})
+                await send_error(send, 413, too_large)
                 return
         received = 0
         exceeded = False
@@ -234,4 +236,4 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await send_error(send, 413, too_large, {"Connection": "close"})
+            await send_error(send, 413, too_large)

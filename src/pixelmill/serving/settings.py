@@ -22,7 +22,7 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIXELMILL_", extra="ignore", protected_namespaces=())
 
-    model: str = Field(..., description="A bundle directory or a models:/name@alias (or models:/name/version) URI.")
+    model: str = Field(..., description="A bundle directory, a run directory (its bundle/) or a models:/name@alias or models:/name/version URI.")
     model_version: str = Field("1", description="The version string reported by /model and the v2 API.")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI used to resolve models:/ URIs.")
     host: str = "127.0.0.1"

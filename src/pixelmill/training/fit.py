@@ -20,6 +20,9 @@ from pixelmill.tracking import check_trackers
 
 log = logging.getLogger(__name__)
 
+# Rank 0 tells the ranks it launches (Lightning DDP) which run directory they belong to.
+RUN_DIR_ENV = "PIXELMILL_RUN_DIR"
+
 # Keys a resume may change: it continues the same experiment, only longer or quieter.
 RESUMABLE_OVERRIDES = ("trainer.max_epochs", "trainer.progress_bar", "trainer.early_stopping_patience", "data.num_workers")
 
@@ -141,8 +144,11 @@ def _new_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def train(cfg: DictConfig) -> RunResult:
-    """Train a classifier from ``cfg`` into a new run directory (or resume one with ``cfg.resume``)."""
+def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
+    """Train a classifier from ``cfg`` into a new run directory (or resume one with ``cfg.resume``).
+
+    ``callbacks`` are extra Lightning callbacks (hyper-parameter search adds a pruning one).
+    """
     if cfg.resume:
         return resume(cfg.resume)
     from lightning import seed_everything
@@ -151,8 +157,11 @@ def train(cfg: DictConfig) -> RunResult:
     scan = _scan(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
     net, prep = _net_and_prep(cfg, scan)
+    if global_rank() != 0:
+        return _fit(cfg, _shared_run_dir(cfg), scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
     check_trackers(cfg)
     run_dir = _new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     if cfg.data.kind == "tabular":
         prep.save(run_dir)  # schema.json + preprocessor.joblib, read back by resume, evaluate and export
@@ -169,7 +178,7 @@ def train(cfg: DictConfig) -> RunResult:
         versions=versions(),
         durations={"scan_s": round(time.time() - started, 3)},
     )
-    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=None)
+    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
 
 
 def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
@@ -196,7 +205,8 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
     else:
         net = _build_net(cfg, len(scan.classes), fresh=True)
         prep = Preprocessing.from_dict(summary["preprocessing"])
-    runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
+    if global_rank() == 0:
+        runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     log.info("resuming %s from %s", run_dir, ckpt)
     return _fit(cfg, run_dir, scan, net, prep, ckpt_path=ckpt)
 
@@ -259,15 +269,23 @@ def _module(cfg: DictConfig, net, scan):
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
     import lightning as L
 
+    import torch
+
     from pixelmill.training.checkpoint import AtomicCheckpointIO
 
     t = cfg.trainer
+    if t.sync_batchnorm and (t.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); set it to false")
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        sync_batchnorm=t.sync_batchnorm,
+        # SeededSampler shards itself per rank, keeping the global batch order of one process.
+        use_distributed_sampler=False,
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
@@ -305,67 +323,93 @@ class _RunLog:
         self.handler.close()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_path: Path | None) -> RunResult:
+def global_rank() -> int:
+    """This process's rank in a distributed run (0 when not distributed), from the launcher's env."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _shared_run_dir(cfg: DictConfig) -> Path:
+    """The run directory that rank 0 of this distributed run writes (other ranks write nothing)."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if cfg.run_name:  # torchrun / SLURM: every rank was started with the same run_name
+        return Path(cfg.output_dir) / cfg.experiment / cfg.run_name
+    raise ConfigError("a run started by torchrun or SLURM needs run_name=NAME so that every rank uses one run directory")
+
+
+class _NoLog:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _fit(
+    cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_path: Path | None, extra_callbacks: list | None = None
+) -> RunResult:
+    """Fit, then (rank 0 only) evaluate, report and close the trackers. Only rank 0 writes."""
     import lightning as L
 
     from pixelmill import tracking
     from pixelmill.data.datamodule import ImageDataModule, TabularDataModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    rank0 = global_rank() == 0
     summary = runs.read_summary(run_dir)
-    with _RunLog(run_dir):
-        loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers"))
-        if ckpt_path is None:  # a resumed run has its params and tags already
+    with _RunLog(run_dir) if rank0 else _NoLog():
+        loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers")) if rank0 else []
+        if rank0 and ckpt_path is None:  # a resumed run has its params and tags already
             tags = tracking.run_tags(summary.get("data", {}).get("fingerprint"), summary.get("versions", {}))
             tracking.log_start(loggers, flatten(cfg), tags)
-        callbacks = _callbacks(cfg, run_dir)
+        callbacks = _callbacks(cfg, run_dir) + list(extra_callbacks or [])
         trainer = _trainer(cfg, run_dir, callbacks, loggers)
-        module = _module(cfg, net, scan)
         datamodule_cls = {"image": ImageDataModule, "tabular": TabularDataModule}[cfg.data.kind]
         datamodule = datamodule_cls(scan, prep, cfg.data, cfg.seed)
-        runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
+        if rank0:
+            runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
         fit_start = time.time()
         history, stopper = callbacks[0], callbacks[1]
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            trainer.fit(_module(cfg, net, scan), datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
             # Ctrl+C twice (Lightning exits with SystemExit) is an interruption, not a failure.
-            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            status = "interrupted" if stopped else "failed"
-            runs.update_summary(run_dir, status=status, error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
-            tracking.finish(loggers, status)
+            status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+            if rank0:
+                runs.update_summary(run_dir, status=status, error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
+                tracking.finish(loggers, status)
             raise
         finally:
             stopper.uninstall()
-        fit_s = time.time() - fit_start
         done = len(history.rows) >= cfg.trainer.max_epochs
         status = "interrupted" if trainer.interrupted or (stopper.requested and not done) else "finished"
-        if status == "interrupted":
-            log.warning("stopped after epoch %d; continue with: pixelmill train resume=%s", len(history.rows) - 1, run_dir)
         best = history.best(cfg.trainer.monitor, cfg.trainer.mode)
-        durations = {**runs.read_summary(run_dir).get("durations", {}), "fit_s": round(fit_s, 3)}
-        runs.update_summary(
-            run_dir,
-            best={"epoch": int(best["epoch"]), "metrics": best} if best else None,
-            durations=durations,
-        )
-        test_metrics = None
-        if status == "finished" and trainer.is_global_zero:
-            test_metrics = _evaluate_after_fit(cfg, run_dir, scan, net, prep)
-        runs.update_summary(run_dir, status=status, finished_at=runs.now_iso(), pid=None)
-        if trainer.is_global_zero:
-            from pixelmill.evaluation.report import write_report
+        result = RunResult(run_dir, status, int(best["epoch"]) if best else None, best or {})
+        if rank0 and trainer.is_global_zero:
+            result.test_metrics = _finish_run(cfg, run_dir, scan, net, prep, result, time.time() - fit_start, loggers)
+    return result
 
-            write_report(run_dir)
-            tracking.log_artifacts(loggers, run_dir)
-            tracking.finish(loggers, status)
-    return RunResult(
-        run_dir=run_dir,
-        status=status,
-        best_epoch=int(best["epoch"]) if best else None,
-        best_metrics=best or {},
-        test_metrics=test_metrics,
-    )
+
+def _finish_run(cfg: DictConfig, run_dir: Path, scan, net, prep, result: RunResult, fit_s: float, loggers: list):
+    """Summary, final evaluation, report and tracker artifacts for a run that stopped cleanly."""
+    from pixelmill import tracking
+    from pixelmill.evaluation.report import write_report
+
+    if result.status == "interrupted":
+        epochs = runs.read_summary(run_dir).get("epochs_completed", 0)
+        log.warning("stopped after %d epoch(s); continue with: pixelmill train resume=%s", epochs, run_dir)
+    durations = {**runs.read_summary(run_dir).get("durations", {}), "fit_s": round(fit_s, 3)}
+    best = result.best_metrics
+    runs.update_summary(run_dir, best={"epoch": result.best_epoch, "metrics": best} if best else None, durations=durations)
+    test_metrics = _evaluate_after_fit(cfg, run_dir, scan, net, prep) if result.status == "finished" else None
+    runs.update_summary(run_dir, status=result.status, finished_at=runs.now_iso(), pid=None)
+    write_report(run_dir)
+    tracking.log_artifacts(loggers, run_dir)
+    tracking.finish(loggers, result.status)
+    return test_metrics
 
 
 def _evaluate_after_fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing) -> dict[str, Any] | None:

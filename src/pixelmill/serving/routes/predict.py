@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixelmill.inference import to_predictions
 from pixelmill.serving.images import decode_base64, decode_images
@@ -25,7 +26,7 @@ _PREDICT_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
                     "required": ["files"],
                 }
             },
@@ -35,6 +36,7 @@ _PREDICT_BODY = {
                     "properties": {
                         "instances": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {
                                 "anyOf": [
                                     {"type": "string", "description": "base64 image file (or a data: URL)"},
@@ -55,7 +57,7 @@ _PREDICT_BODY = {
 async def _multipart_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
     try:
         form = await request.form(max_files=max_files, max_fields=max_files, max_part_size=64 * 1024)
-    except HTTPException as exc:
+    except StarletteHTTPException as exc:  # starlette's own, raised by the multipart parser
         if "Too many files" in str(exc.detail):
             raise HTTPException(413, f"too many files; send at most {max_files} per request") from None
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
