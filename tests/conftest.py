@@ -69,3 +69,35 @@ def trained_run(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     result = train(load_config(fast_train_overrides(digits_root, out / "runs", "run_name=shared", epochs=3)))
     assert result.status == "finished"
     return result.run_dir
+
+
+# --- The reliability table: `make reliability` (and `make test`) print case, tried, passed. ---
+_RELIABILITY: dict[str, list[bool]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reliability(case): a fault or bad-input case counted in the reliability table")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("reliability")
+    if marker is None or report.skipped:
+        return
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        _RELIABILITY.setdefault(marker.args[0], []).append(report.passed)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not _RELIABILITY:
+        return
+    width = max(len(case) for case in _RELIABILITY) + 2
+    terminalreporter.section("reliability")
+    terminalreporter.write_line(f"{'case':<{width}}{'tried':>6}{'passed':>8}")
+    for case, results in sorted(_RELIABILITY.items()):
+        terminalreporter.write_line(f"{case:<{width}}{len(results):>6}{sum(results):>8}")
+    tried = sum(len(r) for r in _RELIABILITY.values())
+    passed = sum(sum(r) for r in _RELIABILITY.values())
+    terminalreporter.write_line(f"{'all cases':<{width}}{tried:>6}{passed:>8}")

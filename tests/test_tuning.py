@@ -149,7 +149,7 @@ def test_two_workers_share_one_sqlite_study_without_overshooting(digits_root, tm
 
 @pytest.mark.slow
 def test_killed_worker_leaves_a_study_that_a_rerun_completes(digits_root, tmp_path):
-    cmd = _tune_cmd(digits_root, tmp_path, "k", 2, epochs=3)
+    cmd = _tune_cmd(digits_root, tmp_path, "k", 2, epochs=2)
     worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=ENV)
     summary = tmp_path / "runs" / "k" / "trial-0" / "summary.json"
     deadline = time.time() + 300

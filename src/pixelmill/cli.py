@@ -401,8 +401,8 @@ def tune(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="The base YAML config of every trial."),
     space: Path = typer.Option(..., "--space", help="YAML: config key -> {type: float|int|categorical, low, high, log, step | choices}."),
     trials: int = typer.Option(..., "--trials", min=1, help="Complete + pruned trials the study should have, across all workers."),
-    storage: Optional[str] = typer.Option(None, help="Study database shared by workers (postgresql://..., mysql://...) [default: sqlite in the study dir]."),
-    study: Optional[str] = typer.Option(None, help="Study name, also the trials' experiment [default: EXPERIMENT-tune]."),
+    storage: Optional[str] = typer.Option(None, help="Study database shared by workers (postgresql://..., mysql://...); default: a SQLite file in the study dir."),
+    study: Optional[str] = typer.Option(None, help="Study name, also the trials' experiment; default: EXPERIMENT-tune."),
     heartbeat: int = typer.Option(30, min=1, help="Seconds between trial heartbeats; a trial silent for two is failed and retried."),
     startup_trials: int = typer.Option(5, min=0, help="Trials that finish before the median pruner prunes any."),
     warmup_epochs: int = typer.Option(1, min=0, help="Epochs of every trial that are never pruned."),
@@ -419,7 +419,7 @@ def tune(
     for column in ("trial", "state", "value", "params", "run"):
         table.add_column(column, justify="right" if column in ("trial", "value") else "left", overflow="fold")
     for row in result.trials:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
         table.add_row(str(row["number"]), row["state"], "" if row["value"] is None else _fmt(row["value"]), params, Path(row["run_dir"] or "").name)
     console.print(table)
     if result.best:

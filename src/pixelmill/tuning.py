@@ -239,7 +239,8 @@ class _Search:
 
     def reap(self, *_: Any) -> None:
         """Fail and retry running trials of this host's workers whose process is gone: no need to wait for heartbeats."""
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        with _quiet():
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker") or {}
             # "trial" ignores attributes a retry copied from the trial it repeats.
@@ -346,12 +347,15 @@ def tune(
     """Run (or continue) a study until it has ``n_trials`` complete or pruned trials across all its workers."""
     from sqlalchemy.engine import make_url
 
+    from pixelmill.tracking import check_trackers
+
     overrides = list(overrides)
     base = load_config(overrides, config_file)
     name = study_name or f"{base.experiment}-tune"
     if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
         raise ConfigError(f"bad study name '{name}': it names a folder, so use letters, digits, '-' or '_'")
     space = load_space(space_file, overrides, config_file)
+    check_trackers(base)  # an unreachable MLflow store fails now, before a study or parent run exists
     study_dir = Path(base.output_dir) / name
     study_dir.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"

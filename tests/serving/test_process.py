@@ -103,6 +103,13 @@ def test_bad_model_or_settings_fail_in_one_line_before_binding(bundle_dir: Path,
     result = _serve_cli(str(tampered), "--port", "1")
     assert result.returncode == 2 and "tampered" in result.stderr and "Traceback" not in result.stderr
 
+    tabular = tmp_path / "tabular"
+    shutil.copytree(bundle_dir, tabular)
+    meta = json.loads((tabular / "bundle.json").read_text())
+    (tabular / "bundle.json").write_text(json.dumps({**meta, "kind": "tabular"}))
+    result = _serve_cli(str(tabular), "--port", "1")
+    assert result.returncode == 2 and "serves image bundles" in result.stderr
+
     bad = _serve_cli(str(bundle_dir), env={"PIXELMILL_MAX_BATCH_SIZE": "0"})
     assert bad.returncode == 2 and "PIXELMILL_MAX_BATCH_SIZE" in bad.stderr
 

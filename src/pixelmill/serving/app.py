@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,10 +15,8 @@ from pixelmill import __version__
 from pixelmill.serving.engine import Engine, EngineStopped, Overloaded
 from pixelmill.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestContextMiddleware
 from pixelmill.serving.routes import health, metrics, predict, v2
-from pixelmill.serving.settings import ServeSettings
+from pixelmill.serving.settings import ServeSettings, available_cpus
 from pixelmill.serving.telemetry import ServingMetrics
-
-log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -65,6 +63,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             }
         )
         app.state.engine = engine
+        app.state.decode_limiter = anyio.CapacityLimiter(available_cpus())
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from pixelmill.errors import BundleError
 from pixelmill.export.bundle import Bundle, read_bundle
 from pixelmill.inference import OnnxClassifier
 from pixelmill.serving.settings import ServeSettings
@@ -192,6 +193,16 @@ def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
     return Path(resolve_model(model, tracking_uri=tracking_uri))
 
 
+def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
+    """Resolve, read and verify a bundle; refuse one this server cannot run (BundleError)."""
+    bundle = read_bundle(resolve_bundle_path(model, tracking_uri), verify=True)
+    if bundle.kind != "image":
+        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves image bundles")
+    if bundle.model_format != "onnx":
+        raise BundleError(f"bundle {bundle.path} holds a {bundle.model_format} model; serve an ONNX export (`pixelmill export RUN_DIR`)")
+    return bundle
+
+
 class Engine:
     """A verified bundle, its ONNX Runtime session and the batcher in front of it."""
 
@@ -206,7 +217,7 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
         """Read and verify the bundle, open the ORT session. Raises BundleError on a bad bundle."""
-        bundle = read_bundle(resolve_bundle_path(settings.model, settings.tracking_uri), verify=True)
+        bundle = load_bundle(settings.model, settings.tracking_uri)
         classifier = OnnxClassifier(bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
         batcher = DynamicBatcher(classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics)
         return cls(bundle, classifier, batcher, settings.model_version)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
-from pixelmill.export.bundle import read_bundle
-from pixelmill.serving.engine import resolve_bundle_path
+from pixelmill.serving.engine import load_bundle
 from pixelmill.serving.logs import logging_config
 from pixelmill.serving.settings import ServeSettings, settings_env
-
-log = logging.getLogger(__name__)
 
 
 def serve(settings: ServeSettings) -> None:
@@ -20,9 +16,8 @@ def serve(settings: ServeSettings) -> None:
     """
     import uvicorn
 
-    path = resolve_bundle_path(settings.model, settings.tracking_uri)
-    read_bundle(path, verify=True)
-    settings = settings.model_copy(update={"model": str(path)})
+    bundle = load_bundle(settings.model, settings.tracking_uri)
+    settings = settings.model_copy(update={"model": str(bundle.path)})
     options = dict(
         host=settings.host,
         port=settings.port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from pixelmill.errors import ModelError
+from pixelmill.errors import ModelError, RunError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -20,12 +21,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialise first: a disk error below is then a clean OSError
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:  # disk full, quota, file-size limit, read-only file system
+            run_dir = path.parent.parent
+            raise RunError(
+                f"could not save checkpoint '{path}' ({exc.strerror or exc}); the previous checkpoint is intact - "
+                f"free space, then continue with: pixelmill train resume={run_dir}"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -6,9 +6,9 @@ import json
 import math
 from typing import Any, Optional
 
+import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -122,7 +122,9 @@ async def predict(
     else:
         raise HTTPException(415, "send images as multipart/form-data (field 'files') or JSON {\"instances\": [base64 images]}")
     request.state.images = len(files)
-    batch = await run_in_threadpool(decode_images, files, engine.bundle.preprocessing, settings.max_pixels)  # (N, H, W, C)
+    # Decoding runs in threads, a few at a time: concurrent large uploads cannot all hold full-size pixels at once.
+    prep, limiter = engine.bundle.preprocessing, request.app.state.decode_limiter
+    batch = await anyio.to_thread.run_sync(decode_images, files, prep, settings.max_pixels, limiter=limiter)  # (N, H, W, C)
     probs = await engine.infer(batch)  # (N, num_classes)
     predictions = to_predictions(probs, engine.classes, top_k or settings.top_k)
     return PredictResponse(
