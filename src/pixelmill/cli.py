@@ -380,9 +380,9 @@ def registry_promote(
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="A bundle directory, a run directory (its bundle/), models:/NAME@ALIAS or models:/NAME/VERSION."),
-    host: Optional[str] = typer.Option(None, help="Bind address [default: 127.0.0.1, or $PIXELMILL_HOST]."),
-    port: Optional[int] = typer.Option(None, help="Port [default: 8000, or $PIXELMILL_PORT]."),
-    workers: Optional[int] = typer.Option(None, help="uvicorn worker processes [default: 1, or $PIXELMILL_WORKERS]."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1, or $PIXELMILL_HOST)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000, or $PIXELMILL_PORT)."),
+    workers: Optional[int] = typer.Option(None, help="uvicorn worker processes, one ONNX Runtime session each (default 1, or $PIXELMILL_WORKERS)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
 ) -> None:
     """Serve a bundle over HTTP on ONNX Runtime: /predict, Open Inference Protocol v2 (/v2), /metrics, /docs.

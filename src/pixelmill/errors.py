@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class PixelmillError(Exception):
-    """Base class for every error caused by user input (config, data, files, models)."""
+    """Base class for every error caused by user input (config, data, files, models).
+
+    The message is always one line: control characters from user input (a value or a file
+    name with a newline) are escaped, never printed raw.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+        super().__init__(one_line)
 
 
 class ConfigError(PixelmillError):

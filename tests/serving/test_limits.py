@@ -92,6 +92,15 @@ def test_decompression_bomb_is_413_before_decoding(client: httpx.Client) -> None
     assert huge.status_code == 413 and "huge.png" in huge.json()["error"]
 
 
+def test_an_extreme_aspect_ratio_cannot_blow_up_the_resize(client: httpx.Client) -> None:
+    # 1 x 200,000 is within the pixel limit, but resizing its shorter side to 32 would make 204.8 megapixels.
+    buf = io.BytesIO()
+    Image.new("L", (1, 200_000)).save(buf, format="PNG")
+    response = _upload(client, "strip.png", buf.getvalue())
+    assert response.status_code == 413, response.text
+    assert "'strip.png'" in response.json()["error"] and "resized" in response.json()["error"]
+
+
 def test_a_real_compressed_bomb_is_413(client: httpx.Client) -> None:
     buf = io.BytesIO()
     Image.new("L", (2000, 1000)).save(buf, format="PNG", optimize=True)  # 2 MP of zeros in a few kB

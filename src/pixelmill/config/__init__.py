@@ -109,6 +109,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"bad value {value!r} for '{key}': expected a number")
         too_low = low is not None and (value < low if inclusive else value <= low)
         too_high = high is not None and value > high
         if too_low or too_high:

@@ -125,14 +125,17 @@ class DynamicBatcher:
             self.metrics.queue_depth.set(self._pending_images)
 
     async def _next_batch(self) -> list[_Job]:
-        """Wait for a first job, then up to ``max_delay`` for more; pop at most ``max_batch_size`` images."""
+        """Wait for a job, then for more until the oldest has waited ``max_delay``; pop at most ``max_batch_size`` images.
+
+        The delay counts from the oldest job's arrival, so requests that queued up while the
+        previous batch ran start at once instead of waiting again.
+        """
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_delay
+        deadline = self._pending[0].enqueued + self.max_delay
         while self._pending_images < self.max_batch_size:
-            remaining = deadline - loop.time()
+            remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             self._wakeup.clear()

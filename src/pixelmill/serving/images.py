@@ -42,6 +42,13 @@ def decode_image(data: bytes, name: str, prep: Preprocessing, max_pixels: int) -
         raise HTTPException(413, f"file '{shown}' is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width < 1 or height < 1:
         raise HTTPException(422, f"file '{shown}' has no pixels ({width}x{height})")
+    # Preprocessing scales the shorter side up or down to resize_to: a 1 x 1,000,000 strip would become 32 x 32,000,000.
+    short, long = sorted((width, height))
+    resized = prep.resize_to * int(prep.resize_to * long / short)
+    if resized > max_pixels:
+        raise HTTPException(
+            413, f"file '{shown}' is {width}x{height}: resized to a shorter side of {prep.resize_to} it has {resized} pixels; the limit is {max_pixels}"
+        )
     try:
         img.load()
         return to_model_input(img, prep)

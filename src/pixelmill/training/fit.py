@@ -153,7 +153,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         return resume(cfg.resume)
     from lightning import seed_everything
 
+    from pixelmill.models.registry import resolve_model_name
+
     started = time.time()
+    resolve_model_name(cfg.model.name)  # an unknown model fails before the data is scanned
     scan = _scan(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
     net, prep = _net_and_prep(cfg, scan)
