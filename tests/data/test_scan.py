@@ -141,6 +141,7 @@ def corpus_scan(corpus: Path) -> ScanResult:
     return scan_images(corpus, seed=0)
 
 
+@pytest.mark.reliability("data: every bad file in the corpus reported with its reason")
 def test_each_bad_file_is_reported_with_its_reason(corpus_scan: ScanResult) -> None:
     reported = {os.path.basename(b.path): b.reason for b in corpus_scan.bad}
     assert reported == BAD
@@ -357,3 +358,23 @@ def test_fingerprint_tracks_file_bytes(tmp_path: Path, image_folder_factory) -> 
     assert changed != first
     os.rename(tmp_path / "a" / "001.png", tmp_path / "a" / "099.png")  # same bytes, new name
     assert scan_images(tmp_path).fingerprint != changed
+
+
+@pytest.mark.reliability("data: training completes on the good files of the bad corpus")
+def test_training_on_the_bad_corpus_counts_skips_in_summary_and_report(corpus: Path, tmp_path: Path) -> None:
+    from pixelmill.config import load_config
+    from pixelmill.training.fit import train
+
+    cfg = load_config([
+        f"data.path={corpus}", "data.image_size=32", "data.batch_size=8", "trainer.max_epochs=1", "trainer.progress_bar=false",
+        "logger=[csv]", f"output_dir={tmp_path}", "run_name=corpus", "data.val_ratio=0.25", "data.test_ratio=0.25",
+    ])
+    result = train(cfg)
+    assert result.status == "finished"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["data"]["skipped"] == dict(Counter(BAD.values()))
+    assert sum(summary["data"]["counts"].values()) == 16 + len(SPECIAL_GOOD)
+    html = (result.run_dir / "report.html").read_text()
+    for reason in set(BAD.values()):
+        assert reason in html
+    assert "trunc.jpg" in html

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+MAX_ASPECT = 64  # longest side / shortest side we agree to resize
+
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -87,6 +89,8 @@ def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_short = prep.resize_to
+    if long > MAX_ASPECT * short:  # a 1 x 1,000,000 strip would be resized to gigapixels
+        raise ValueError(f"image of {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to resize")
     new_long = int(new_short * long / short)
     new_size = (new_short, new_long) if w <= h else (new_long, new_short)
     if new_size != img.size:
