@@ -81,6 +81,7 @@ def test_onnx_graph_takes_uint8_nhwc_with_dynamic_batch(bundle_dir: Path, digits
     np.testing.assert_allclose(session.run(["probabilities"], {"image": batch})[0], probs7, atol=1e-6)
 
 
+@pytest.mark.reliability("untrusted: tampered bundle refused by hash")
 def test_tampered_model_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(bundle_dir, tmp_path / "b")
     data = bytearray((copy / "model.onnx").read_bytes())
@@ -92,6 +93,7 @@ def test_tampered_model_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     assert isinstance(result.exception, BundleError)
 
 
+@pytest.mark.reliability("untrusted: truncated bundle files refused")
 def test_truncated_files_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(bundle_dir, tmp_path / "b")
     model = copy / "model.onnx"

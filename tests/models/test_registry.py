@@ -153,6 +153,7 @@ class _Evil:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.reliability("untrusted: malicious pickle as weights refused, payload not run")
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, writer: str) -> None:

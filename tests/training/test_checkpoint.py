@@ -27,6 +27,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no temporary file left behind
 
 
+@pytest.mark.reliability("untrusted: malicious pickle as a checkpoint refused, payload not run")
 def test_malicious_checkpoint_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
 

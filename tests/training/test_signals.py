@@ -16,6 +16,7 @@ from helpers import fast_train_overrides
 
 
 @pytest.mark.slow
+@pytest.mark.reliability("training: SIGINT/SIGTERM stop at an epoch boundary, marked interrupted, resumable")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly_and_resume_finishes(sig, digits_root, tmp_path):
     epochs = 6

@@ -135,6 +135,7 @@ def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
         return None
     skipped_files = data.get("skipped_files") or []
     return {
+        "kind": data.get("kind") or "image",
         "layout": data.get("layout"),
         "classes": data.get("classes") or [],
         "counts": data.get("counts") or {},
@@ -142,6 +143,13 @@ def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
         "skipped_files": skipped_files[:MAX_SKIPPED_LISTED],
         "skipped_more": max(0, len(skipped_files) - MAX_SKIPPED_LISTED),
     }
+
+
+def _features_context(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tabular runs: one row per feature column of the training split (``summary.data.features``)."""
+    data = summary.get("data")
+    features = data.get("features") if isinstance(data, dict) else None
+    return [f for f in features if isinstance(f, dict)] if isinstance(features, list) else []
 
 
 def _render(context: dict[str, Any]) -> str:
@@ -181,6 +189,7 @@ def write_report(run_dir: Path) -> Path:
         "durations": summary.get("durations") if isinstance(summary.get("durations"), dict) else {},
         "versions": summary.get("versions") if isinstance(summary.get("versions"), dict) else {},
         "data": _data_context(summary),
+        "features": _features_context(summary),
         "training_plot": _data_uri(training_plot) if training_plot else None,
         "splits": splits,
         "metric_rows": _metric_rows(splits),
