@@ -186,8 +186,11 @@ def log_artifacts(loggers: list[Logger], run_dir: Path) -> None:
 
 def finish(loggers: list[Logger], status: str) -> None:
     """Close tracker runs with pixelmill's status (finished / failed / interrupted)."""
-    lightning_status = {"finished": "success", "failed": "failed", "interrupted": "killed"}.get(status, "success")
+    # MLflow takes its own status names through; the others ignore the value.
+    lightning_status = {"finished": "success", "failed": "failed", "interrupted": "KILLED"}.get(status, "success")
     for logger in loggers:
+        if type(logger).__name__ == "MLFlowLogger":
+            logger.experiment.set_tag(logger.run_id, "pixelmill.status", status)
         logger.finalize(lightning_status)
         if type(logger).__name__ == "WandbLogger":
             import wandb

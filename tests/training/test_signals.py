@@ -20,7 +20,9 @@ from helpers import fast_train_overrides
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly_and_resume_finishes(sig, digits_root, tmp_path):
     epochs = 6
-    args = fast_train_overrides(digits_root, tmp_path / "runs", "run_name=s", "eval.splits=[]", "trainer.limit_train_batches=4", epochs=epochs)
+    mlflow = [f"tracking.mlflow.uri=sqlite:///{tmp_path}/mlruns.db", f"tracking.mlflow.artifact_location={tmp_path}/art"]
+    args = fast_train_overrides(digits_root, tmp_path / "runs", "run_name=s", "eval.splits=[]", "trainer.limit_train_batches=4",
+                                "logger=[csv,mlflow]", *mlflow, epochs=epochs)
     proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "train", *args], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "default" / "s"
@@ -40,6 +42,11 @@ def test_signal_stops_cleanly_and_resume_finishes(sig, digits_root, tmp_path):
     assert 1 <= stopped_after < epochs
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "resume=" in err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["pixelmill.status"] == "interrupted"
 
     out = subprocess.run([sys.executable, "-m", "pixelmill.cli", "train", f"resume={run_dir}"], cwd=tmp_path,
                          capture_output=True, text=True)
@@ -47,3 +54,5 @@ def test_signal_stops_cleanly_and_resume_finishes(sig, digits_root, tmp_path):
     with open(run_dir / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(epochs))
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["pixelmill.status"] == "finished"

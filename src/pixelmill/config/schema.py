@@ -38,6 +38,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
+    # Decoded, resized images kept after their first read: none, memory (shared RAM) or disk (mmap file).
+    cache: str = "none"
     sampler: str = "shuffle"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     target: Optional[str] = None
@@ -145,6 +147,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("image", "tabular"),
     "data.layout": ("auto", "split", "flat", "csv"),
     "data.sampler": ("shuffle", "balanced"),
+    "data.cache": ("none", "memory", "disk"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
     "data.augment.auto_augment": ("none", "randaugment", "trivialaugment", "autoaugment"),
     "model.class_weights": ("none", "auto"),

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pixelmill.data.cache import make_cache
 from pixelmill.data.images import ImageDataset, SeededSampler
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.data.scan import ScanResult
@@ -43,8 +44,12 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
 
     def dataset(self, split: str, train: bool = False) -> ImageDataset:
+        """A split's dataset; with ``data.cache`` its images are decoded once (training: in draft mode)."""
         transform = train_transform(self.prep, self.cfg.augment) if train else eval_transform(self.prep)
-        return ImageDataset(self.scan.splits[split], self.prep.channels, transform)
+        items = self.scan.splits[split]
+        mode = getattr(self.cfg, "cache", "none")  # a hand-built data config may not have the key
+        cache = make_cache(mode, [path for path, _ in items], self.prep, draft=train)
+        return ImageDataset(items, self.prep.channels, transform, cache)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, sampler=None) -> DataLoader:
         return make_loader(dataset, batch_size, self.cfg.num_workers, sampler)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -11,6 +12,24 @@ from torch.utils.data import Dataset, Sampler
 from pixelmill.data.preprocess import load_image
 from pixelmill.errors import DataError
 
+if TYPE_CHECKING:
+    from pixelmill.data.cache import ImageCache
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Draw from the CPU generator seeded with ``seed`` inside, restore its state after.
+
+    ``torch.random.fork_rng`` + ``torch.manual_seed`` give the same draws, but seed every
+    device type too: about 0.3 ms per sample, more than resizing a small image.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
 
 class ImageDataset(Dataset):
     """(path, label) pairs -> (tensor, label).
@@ -18,12 +37,21 @@ class ImageDataset(Dataset):
     An index may be an ``int`` or an ``(int, seed)`` pair from ``SeededSampler``: with a
     seed, the random augmentation of that sample is drawn from its own generator state, so
     the result depends on (seed, epoch, position) only - not on the number of workers.
+
+    With a ``cache`` (``data.cache``), images come resized from it (see ``data/cache.py``).
     """
 
-    def __init__(self, items: list[tuple[str, int]], channels: int, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        items: list[tuple[str, int]],
+        channels: int,
+        transform: Callable[[Image.Image], torch.Tensor],
+        cache: ImageCache | None = None,
+    ):
         self.items = items
         self.channels = channels
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.items)
@@ -32,13 +60,12 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.items[index]
         try:
-            img = load_image(path, self.channels)
+            img = self.cache.load(index, path) if self.cache is not None else load_image(path, self.channels)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image '{path}' ({exc}); it changed after the scan - re-run training") from None
         if seed is None:
             return self.transform(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_cpu_rng(seed):
             return self.transform(img), label
 
 

@@ -15,6 +15,8 @@ from PIL import Image, ImageOps
 
 MAX_ASPECT = 64  # longest side / shortest side we agree to resize
 
+_EXIF_ORIENTATION = 0x0112
+
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -54,8 +56,12 @@ class Preprocessing:
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, ...) to 'L' or 'RGB'."""
-    img = ImageOps.exif_transpose(img) or img
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, ...) to 'L' or 'RGB', upright per its EXIF orientation.
+
+    May return ``img`` itself when nothing changes; never modifies it.
+    """
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)  # a copy (without a rotation it would only copy)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit: scale to 8 bits instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
@@ -74,11 +80,52 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def load_image(path: str | Path, channels: int) -> Image.Image:
-    """Open an image file fully decoded in 'L' or 'RGB' mode."""
-    with Image.open(path) as img:
+def load_image(path: str | Path, channels: int, draft_short: int | None = None) -> Image.Image:
+    """Open an image file fully decoded in 'L' or 'RGB' mode.
+
+    ``draft_short`` is for training-time loading only: a JPEG whose shorter side is at least
+    twice ``draft_short`` decodes at 1/2, 1/4 or 1/8 scale (PIL draft mode, much faster), its
+    shorter side staying at least ``draft_short``. Those pixels differ slightly from a full
+    decode, so evaluation, export and serving never pass it.
+    """
+    img = Image.open(path)
+    try:
+        if draft_short and img.format == "JPEG" and min(img.size) >= 2 * draft_short:
+            w, h = img.size
+            short = min(w, h)
+            img.draft(img.mode, (-(-w * draft_short // short), -(-h * draft_short // short)))
         img.load()
-        return to_mode(img, channels)
+        out = to_mode(img, channels)
+    except BaseException:
+        img.close()
+        raise
+    # Closing an image invalidates its pixels, so the decoded image itself is returned
+    # unclosed (no copy) once loading has released its file; multi-frame formats keep it open.
+    if out is img and getattr(img, "fp", None) is not None:
+        out = img.copy()
+    if out is not img:
+        img.close()
+    return out
+
+
+def resized_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
+    """(width, height) once the shorter side of ``size`` is resized to ``prep.resize_to``."""
+    w, h = size
+    short, long = (w, h) if w <= h else (h, w)
+    if long > MAX_ASPECT * short:  # a 1 x 1,000,000 strip would be resized to gigapixels
+        raise ValueError(f"image of {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to resize")
+    new_short = prep.resize_to
+    new_long = int(new_short * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def resize_short(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the shorter side to ``prep.resize_to`` (torchvision's ``Resize(int)`` on PIL images).
+
+    ``data.cache`` stores exactly this, so a cached image centre-cropped is the evaluation input.
+    """
+    new_size = resized_size(img.size, prep)
+    return img if new_size == img.size else img.resize(new_size, _PIL_INTERPOLATION[prep.interpolation])
 
 
 def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
@@ -86,15 +133,7 @@ def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
 
     Matches torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images.
     """
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short = prep.resize_to
-    if long > MAX_ASPECT * short:  # a 1 x 1,000,000 strip would be resized to gigapixels
-        raise ValueError(f"image of {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to resize")
-    new_long = int(new_short * long / short)
-    new_size = (new_short, new_long) if w <= h else (new_long, new_short)
-    if new_size != img.size:
-        img = img.resize(new_size, _PIL_INTERPOLATION[prep.interpolation])
+    img = resize_short(img, prep)
     w, h = img.size
     top = int(round((h - prep.size) / 2.0))
     left = int(round((w - prep.size) / 2.0))

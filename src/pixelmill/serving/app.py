@@ -84,7 +84,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     for router in (predict.router, v2.router, health.router, metrics.router):
         app.include_router(router)
     # Added innermost first: a request meets context -> rate limit -> auth -> body limit -> routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_token is not None and settings.api_token.get_secret_value():
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token.get_secret_value())
     if settings.rate_limit > 0:

@@ -39,4 +39,5 @@ def logging_config(level: str = "info") -> dict[str, Any]:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},  # ours is richer
         },
+        "root": {"handlers": ["json"], "level": "WARNING"},  # libraries' warnings (e.g. python-multipart's) as JSON too
     }

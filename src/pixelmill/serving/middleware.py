@@ -16,7 +16,9 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from pixelmill.serving.telemetry import ServingMetrics
@@ -31,6 +33,7 @@ access_log = logging.getLogger("pixelmill.serving.access")
 log = logging.getLogger(__name__)
 
 LIVENESS = "/v2/health/live"
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": logged, never sent
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -56,10 +59,17 @@ def route_template(scope: Scope) -> str:
     return "unmatched"
 
 
+def _outcome(status: int) -> str:
+    if status == CLIENT_CLOSED:
+        return "client_closed"
+    return "ok" if status < 400 else ("rejected" if status < 500 else "error")
+
+
 class RequestContextMiddleware:
     """X-Request-ID (echoed when sane, else generated), JSON access log, request metrics.
 
     The log holds method, path, route, status, latency and outcome: never bodies or images.
+    A client that hung up mid-body is recorded as 499 ``client_closed``, not as a server error.
     """
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
@@ -86,6 +96,8 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing wrong with the server
+            status = status or CLIENT_CLOSED
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
             if status is not None:
@@ -107,7 +119,7 @@ class RequestContextMiddleware:
             "route": route,
             "status": status,
             "latency_ms": round(latency * 1000.0, 3),
-            "outcome": "ok" if status < 400 else ("rejected" if status < 500 else "error"),
+            "outcome": _outcome(status),
             "client": client[0] if client else None,
         }
         images = scope.get("state", {}).get("images")
@@ -181,18 +193,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """413 for a body over ``max_bytes``: at once from Content-Length, else as soon as the stream passes it.
+class _BodyTooSlow(Exception):
+    pass
 
-    Whatever the app was doing with the body when the limit passed is dropped and replaced
-    by the 413, so no parser downstream sees more than ``max_bytes``. uvicorn discards the
-    rest of an unread body (until its keep-alive timeout) instead of resetting the
-    connection, so the client gets to read the 413.
+
+class BodyLimitMiddleware:
+    """Guards the request body: 413 past ``max_bytes``, 408 past ``timeout_s``, silence when the client hangs up.
+
+    Size: 413 at once from Content-Length, else as soon as the stream passes the limit.
+    Time: the whole body must arrive within ``timeout_s`` of the app's first read, or the
+    answer is 408 with ``Connection: close``; uvicorn has no body-read timeout of its own,
+    so without this a client sending a byte a second would hold a connection and a task
+    for as long as it likes (slow loris).
+    Either way, whatever the app was doing with the body is dropped and replaced by the
+    4xx, so no parser downstream sees more than ``max_bytes``. After a 413 uvicorn discards
+    the rest of an unread body instead of resetting the connection, so the client gets to
+    read the 413.
+    Disconnect: a client that hangs up before its body is complete gets no answer (nobody
+    would read it); ``ClientDisconnect`` goes up for RequestContextMiddleware to record.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -208,32 +232,53 @@ class BodyLimitMiddleware:
                 await send_error(send, 413, too_large)
                 return
         received = 0
-        exceeded = False
+        deadline: float | None = None
+        body_done = False
+        failure: type[Exception] | None = None  # _BodyTooLarge, _BodyTooSlow or ClientDisconnect
         started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
-                raise _BodyTooLarge()
-            message = await receive()
-            if message["type"] == "http.request":
+        async def guarded_receive() -> Message:
+            nonlocal received, deadline, body_done, failure
+            if failure is not None:
+                raise failure()
+            if body_done:  # after the body only http.disconnect can come: no deadline on waiting for it
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout_s
+            try:
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                failure = _BodyTooSlow
+                raise _BodyTooSlow() from None
+            if message["type"] == "http.disconnect":
+                failure = ClientDisconnect  # the app sees the message; whatever it answers is dropped
+            elif message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
+                    failure = _BodyTooLarge
                     raise _BodyTooLarge()
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:  # the app answered the aborted read (e.g. a 400): the 413 replaces it
+            if failure is not None:  # the app answered the aborted read (e.g. a 400): ours replaces it
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if failure is None:
                 raise
-        if exceeded and not started:
+        if failure is None or started:
+            return
+        if failure is _BodyTooLarge:
             await send_error(send, 413, too_large)
+        elif failure is _BodyTooSlow:
+            message = f"request body not received within {self.timeout_s:g} s; send it faster or in smaller requests"
+            await send_error(send, 408, message, {"Connection": "close"})  # close: the slow client holds nothing more
+        else:
+            raise ClientDisconnect()

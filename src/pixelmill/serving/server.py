@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from pixelmill.serving.engine import load_bundle
 from pixelmill.serving.logs import logging_config
@@ -16,6 +17,8 @@ def serve(settings: ServeSettings) -> None:
     """
     import uvicorn
 
+    from pixelmill.serving.protocol import HeadDeadlineProtocol
+
     bundle = load_bundle(settings.model, settings.tracking_uri)
     settings = settings.model_copy(update={"model": str(bundle.path)})
     options = dict(
@@ -25,6 +28,7 @@ def serve(settings: ServeSettings) -> None:
         access_log=False,  # RequestContextMiddleware writes a structured one
         server_header=False,
         timeout_graceful_shutdown=10,
+        http=partial(HeadDeadlineProtocol, head_timeout_s=settings.header_timeout_s),  # slow-loris guard
     )
     if settings.workers == 1:
         from pixelmill.serving.app import create_app

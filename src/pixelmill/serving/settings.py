@@ -40,6 +40,12 @@ class ServeSettings(BaseSettings):
 
     # Limits: every one of them answers 4xx instead of doing the work.
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body, counted while it streams.")
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="Longest time a client may take to send a request body; past it the answer is 408 and the connection is closed."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="Longest time a connection may take to send a request head (from connecting or the last response); past it, it is closed."
+    )
     max_pixels: int = Field(25_000_000, ge=1, description="Largest width*height of an uploaded image, checked before decoding.")
     max_files: int = Field(32, ge=1, description="Most images in one /predict request.")
     max_infer_batch: int = Field(256, ge=1, description="Largest batch dimension of a v2 infer input tensor.")

@@ -99,7 +99,9 @@ class GracefulStop(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:
-            self.install()
+            self.install()  # again: Lightning put its own SIGTERM handler in front of ours
+            if self.requested:  # a signal during start-up: stop after the first epoch, not mid-way
+                trainer._signal_connector.received_sigterm = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.uninstall()
@@ -108,13 +110,13 @@ class GracefulStop(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.getsignal(sig)
+            self._previous.setdefault(sig, signal.getsignal(sig))  # the handlers from before training
             signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Put back the handlers from before training (idempotent; runs after Lightning's teardown too)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:

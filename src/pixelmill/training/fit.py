@@ -343,6 +343,11 @@ def _shared_run_dir(cfg: DictConfig) -> Path:
     raise ConfigError("a run started by torchrun or SLURM needs run_name=NAME so that every rank uses one run directory")
 
 
+def _distributed(cfg: DictConfig) -> bool:
+    t = cfg.trainer
+    return "ddp" in str(t.strategy) or t.num_nodes > 1 or str(t.devices) not in ("1", "auto") or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 class _NoLog:
     def __enter__(self) -> None:
         return None
@@ -376,6 +381,8 @@ def _fit(
             runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
         fit_start = time.time()
         history, stopper = callbacks[0], callbacks[1]
+        if not _distributed(cfg):
+            stopper.install()  # from now on; Lightning's SIGTERM handling would stop mid-epoch
         try:
             trainer.fit(_module(cfg, net, scan), datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:

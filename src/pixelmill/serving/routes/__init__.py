@@ -17,6 +17,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Malformed request",
         401: "Missing or invalid bearer token",
         404: "Unknown model",
+        408: "Request body not received within the body timeout",
         413: "Body, image, file count or batch over a limit",
         415: "Not an image / unsupported content type",
         422: "Invalid or corrupt input",
