@@ -30,5 +30,9 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Only the fault and bad-input cases; the table (case, tried, passed) prints at the end. The server soak runs 60 s here.
+reliability: install browser
+	PIXELMILL_SOAK_SECONDS=60 $(BIN)/python -m pytest -m reliability -p no:cacheprovider
+
 clean:
 	rm -rf $(VENV) runs demo-data mlruns.db mlartifacts .pytest_cache

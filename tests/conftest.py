@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import fast_train_overrides
+from helpers import fast_train_overrides, serve_process
 
 _SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "WEBP": ".webp"}
 
@@ -69,6 +70,41 @@ def trained_run(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     result = train(load_config(fast_train_overrides(digits_root, out / "runs", "run_name=shared", epochs=3)))
     assert result.status == "finished"
     return result.run_dir
+
+
+# --- Serving: a real bundle and real `pixelmill serve` processes (tests/serving, tests/reliability). ---
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real ``pixelmill export`` of the shared run (the run dir itself stays untouched)."""
+    from pixelmill.export import export_run
+
+    return export_run(trained_run, out=tmp_path_factory.mktemp("serving-bundle") / "bundle").path
+
+
+@pytest.fixture(scope="session")
+def bundle_name(bundle_dir: Path) -> str:
+    return json.loads((bundle_dir / "bundle.json").read_text())["name"]
+
+
+@pytest.fixture(scope="session")
+def start_server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., object]:
+    """``with start_server(env={...}, args=(...), model=...) as server:`` a real uvicorn on 127.0.0.1 with those settings."""
+    log_dir = tmp_path_factory.mktemp("server-logs")
+
+    def start(env: dict[str, str] | None = None, args: tuple[str, ...] = (), model: str | None = None):
+        return serve_process(model or str(bundle_dir), log_dir, env, args)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def digit_files(digits_root: Path) -> list[Path]:
+    """Twelve real digit PNGs from the test split, two or more classes."""
+    files = sorted((digits_root / "test").rglob("*.png"))
+    step = max(1, len(files) // 12)
+    return files[::step][:12]
 
 
 # --- The reliability table: `make reliability` (and `make test`) print case, tried, passed. ---

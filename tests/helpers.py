@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import httpx
 
 
 def fast_train_overrides(data_path: Path, output_dir: Path, *extra: str, epochs: int = 2) -> list[str]:
@@ -23,3 +35,64 @@ def fast_train_overrides(data_path: Path, output_dir: Path, *extra: str, epochs:
         *extra,
     ]
 
+
+@dataclass
+class Server:
+    """A running ``pixelmill serve`` process."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_records(self) -> list[dict]:
+        """The JSON lines the server wrote so far."""
+        records = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+        return records
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without PIXELMILL_* settings (but the cache dir), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_") or k == "PIXELMILL_CACHE_DIR"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@contextmanager
+def serve_process(model: str, log_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[Server]:
+    """Start ``python -m pixelmill.cli serve MODEL`` on a free 127.0.0.1 port; wait until live; stop it at the end."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "pixelmill.cli", "serve", model, "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env or {}))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/v2/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start within 90 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield Server(url=url, proc=proc, log_path=log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -50,6 +50,19 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def versions(*modules: str) -> dict[str, str]:
+    """pixelmill's, Python's and each named module's version, for summaries and bundles."""
+    import importlib
+    import platform
+
+    from pixelmill import __version__
+
+    found = {"pixelmill": __version__, "python": platform.python_version()}
+    for name in modules:
+        found[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+    return found
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / SUMMARY
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -80,6 +80,7 @@ def test_body_over_the_limit_is_413_for_an_ordinary_client(client: httpx.Client)
     assert "limit" in response.json()["error"]
 
 
+@pytest.mark.reliability("server: decompression bomb upload 413 before decoding")
 def test_decompression_bomb_is_413_before_decoding(client: httpx.Client) -> None:
     # 25 megapixels declared in a few hundred bytes: the header check refuses it (decoding would fail as truncated).
     small = _png_header(5000, 5000)
@@ -101,6 +102,7 @@ def test_an_extreme_aspect_ratio_cannot_blow_up_the_resize(client: httpx.Client)
     assert "'strip.png'" in response.json()["error"] and "resized" in response.json()["error"]
 
 
+@pytest.mark.reliability("server: decompression bomb upload 413 before decoding")
 def test_a_real_compressed_bomb_is_413(client: httpx.Client) -> None:
     buf = io.BytesIO()
     Image.new("L", (2000, 1000)).save(buf, format="PNG", optimize=True)  # 2 MP of zeros in a few kB
@@ -120,6 +122,7 @@ def test_too_many_instances_is_413(client: httpx.Client) -> None:
     assert response.status_code == 413 and "at most 8" in response.json()["error"]
 
 
+@pytest.mark.reliability("server: corrupt or non-image upload 415/422 naming the file")
 @pytest.mark.parametrize(
     ("name", "data", "status"),
     [
@@ -138,6 +141,7 @@ def test_non_image_or_corrupt_upload_names_the_file(client: httpx.Client, digit_
     assert f"'{name}'" in response.json()["error"]
 
 
+@pytest.mark.reliability("server: corrupt or non-image upload 415/422 naming the file")
 def test_one_bad_file_among_good_ones_is_named(client: httpx.Client, digit_files: list[Path]) -> None:
     files = [("files", ("good.png", digit_files[0].read_bytes(), "image/png")), ("files", ("bad.gif", b"GIF89a-nope", "image/gif"))]
     response = client.post("/predict", files=files)

@@ -26,6 +26,15 @@ def _overrides(path: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A tiny MLP gains nothing from intra-op threads, and on a shared 2-core machine they cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bc_run(tmp_path_factory: pytest.TempPathFactory):
     """breast_cancer as train/val/test CSVs, the packaged tabular + mlp configs, default trainer."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import secrets
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pixelmill import __version__, runs
+from pixelmill import runs
 from pixelmill.data.preprocess import Preprocessing, load_image, to_model_input
 from pixelmill.errors import BundleError, ConfigError, DataError
 from pixelmill.export.bundle import BUNDLE_FILE, Bundle, read_bundle, write_bundle
@@ -98,20 +97,6 @@ def verdict(figures: dict[str, Any], quantize: str | None, min_agreement: float)
     return None
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {
-        "pixelmill": __version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _write_model(fmt: str, quantize: str | None, wrapper, work: Path, sample, opset: int):
     """Write the model file into ``work``; return (file name, runner over it)."""
     from pixelmill.export import onnx as onnx_export
@@ -180,7 +165,7 @@ def _bundle_meta(
         "metrics": {"eval": summary.get("eval", {}), "best": summary.get("best")},
         "data_fingerprint": summary.get("data", {}).get("fingerprint"),
         "run": {"run_dir": str(run_dir.resolve()), "run_name": run_name, "checkpoint": checkpoint, "epoch": epoch},
-        "versions": _versions(),
+        "versions": runs.versions("torch", "onnx", "onnxruntime"),
         "created_at": runs.now_iso(),
     }
 

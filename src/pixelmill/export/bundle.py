@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import BundleError
+from pixelmill.runs import write_atomic
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "pixelmill-bundle"
@@ -72,19 +71,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_bundle(out_dir: Path, meta: dict, files: list[str]) -> Bundle:
     """Hash ``files`` (already inside ``out_dir``) into ``meta["files"]``; write bundle.json atomically."""
     out_dir = Path(out_dir)
@@ -101,7 +87,7 @@ def write_bundle(out_dir: Path, meta: dict, files: list[str]) -> Bundle:
         **meta,
         "files": hashes,
     }
-    _atomic_write_text(out_dir / BUNDLE_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    write_atomic(out_dir / BUNDLE_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return Bundle(path=out_dir.resolve(), meta=meta)
 
 

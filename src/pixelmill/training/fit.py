@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pixelmill import __version__, runs
+from pixelmill import runs
 from pixelmill.config import flatten, load_saved, parse_override, to_yaml, validate
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import ConfigError, DataError, RunError
@@ -36,20 +35,6 @@ class RunResult:
     best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     test_metrics: dict[str, Any] | None = None
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import timm
-    import torch
-
-    return {
-        "pixelmill": __version__,
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def resolve_preprocessing(cfg: DictConfig, net) -> Preprocessing:
@@ -178,7 +163,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         classes=scan.classes,
         preprocessing=prep.to_dict(),
         data=scan.to_summary(),
-        versions=versions(),
+        versions=runs.versions("torch", "lightning", "timm"),
         durations={"scan_s": round(time.time() - started, 3)},
     )
     return _fit(cfg, run_dir, scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
