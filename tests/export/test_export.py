@@ -185,3 +185,19 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.reliability("untrusted: edited bundle.json (swapped class names) refused")
+def test_edited_class_names_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from pixelmill.errors import BundleError
+    from pixelmill.export.bundle import read_bundle
+
+    copy = Path(shutil.copytree(bundle_dir, tmp_path / "edited"))
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta["classes"] = list(reversed(meta["classes"]))
+    (copy / "bundle.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(BundleError, match="edited after export"):
+        read_bundle(copy)

@@ -21,7 +21,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import httpx
@@ -40,7 +40,7 @@ FAULT_ENV = {
     "PIXELMILL_MAX_DELAY_MS": "10",
 }
 SOAK_SECONDS = float(os.environ.get("PIXELMILL_SOAK_SECONDS", "15"))
-SOAK_WARMUP_SECONDS = 5.0
+SOAK_WARMUP = (5.0, 1500, 20.0)  # at least 5 s and 1,500 answers (allocators and arenas settle), at most 20 s
 SOAK_CLIENTS = 32
 RSS_GROWTH_LIMIT = 0.10
 
@@ -190,7 +190,7 @@ def test_generated_requests_never_get_a_server_error(fault_server: Server, bundl
 
                 @given(case=schema[path][method.upper()].as_strategy(generation_mode=mode), real_model=st.booleans())
                 @settings(
-                    max_examples=45,
+                    max_examples=60,
                     deadline=None,  # the CPUs are shared: time is bounded by the request timeout instead
                     phases=[Phase.explicit, Phase.generate, Phase.shrink],
                     suppress_health_check=list(HealthCheck),
@@ -215,61 +215,84 @@ def test_generated_requests_never_get_a_server_error(fault_server: Server, bundl
 # --- soak -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.reliability("server: soak at 32 clients, zero errors, RSS growth < 10%")
-def test_soak_32_clients_zero_errors_and_flat_memory(fault_server: Server, digit_files: list[Path], bundle_name: str) -> None:
-    """32 concurrent clients (multipart, base64 JSON, v2 binary and v2 JSON) for PIXELMILL_SOAK_SECONDS after a warm-up."""
+@dataclass
+class Load:
+    """``clients`` threads, each sending ``send(http, i)`` in a loop until ``stop_at`` (which may be moved)."""
+
+    url: str
+    clients: int
+    send: Callable[[httpx.Client, int], httpx.Response]
+    stop_at: float
+    statuses: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"load-{i}") for i in range(self.clients)]
+        for t in self._threads:
+            t.start()
+
+    def answered(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values())
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(timeout=max(1.0, self.stop_at - time.monotonic()) + 60)
+        assert not any(t.is_alive() for t in self._threads), "a load client did not stop"
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while time.monotonic() < self.stop_at:
+                try:
+                    status = self.send(http, i).status_code
+                    with self._lock:
+                        self.statuses[status] += 1
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.failures.append(repr(exc))
+
+
+def _mixed_requests(digit_files: list[Path], bundle_name: str) -> Callable[[httpx.Client, int], httpx.Response]:
+    """Client ``i`` sends one of four kinds: multipart, base64 JSON, v2 binary, v2 JSON."""
     png = digit_files[0].read_bytes()
     b64 = base64.b64encode(digit_files[1].read_bytes()).decode()
     v2_path, v2_body, v2_headers = v2_binary(bundle_name)
     v2_json = {"inputs": [{"name": "image", "shape": [1, 32, 32, 1], "datatype": "UINT8", "data": [7] * 1024}]}
-    statuses: Counter = Counter()
-    failures: list[str] = []
-    lock = threading.Lock()
+    kinds = [
+        lambda http: http.post("/predict", files=[("files", ("d.png", png, "image/png"))]),
+        lambda http: http.post("/predict", json={"instances": [b64]}),
+        lambda http: http.post(v2_path, content=v2_body, headers=v2_headers),
+        lambda http: http.post(v2_path, json=v2_json),
+    ]
+    return lambda http, i: kinds[i % len(kinds)](http)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("server: soak at 32 clients, zero errors, RSS growth < 10%")
+def test_soak_32_clients_zero_errors_and_flat_memory(fault_server: Server, digit_files: list[Path], bundle_name: str) -> None:
+    """32 concurrent clients for PIXELMILL_SOAK_SECONDS after a warm-up; RSS is read before and after."""
+    warm_s, warm_answers, warm_max_s = SOAK_WARMUP
     start = time.monotonic()
-    warm_until = start + SOAK_WARMUP_SECONDS
-    end = warm_until + SOAK_SECONDS
-
-    def client(i: int) -> None:
-        with httpx.Client(base_url=fault_server.url, timeout=30) as http:
-            while time.monotonic() < end:
-                try:
-                    kind = i % 4
-                    if kind == 0:
-                        r = http.post("/predict", files=[("files", ("d.png", png, "image/png"))])
-                    elif kind == 1:
-                        r = http.post("/predict", json={"instances": [b64]})
-                    elif kind == 2:
-                        r = http.post(v2_path, content=v2_body, headers=v2_headers)
-                    else:
-                        r = http.post(v2_path, json=v2_json)
-                    with lock:
-                        statuses[r.status_code] += 1
-                except httpx.HTTPError as exc:
-                    with lock:
-                        failures.append(repr(exc))
-
-    threads = [threading.Thread(target=client, args=(i,), name=f"soak-{i}") for i in range(SOAK_CLIENTS)]
-    for t in threads:
-        t.start()
-    time.sleep(max(0.0, warm_until - time.monotonic()))
-    rss_before = rss_mib(fault_server.proc.pid)
-    with lock:
-        warm_requests = sum(statuses.values())
-    for t in threads:
-        t.join(timeout=max(1.0, end - time.monotonic()) + 60)
-    assert not any(t.is_alive() for t in threads), "a soak client did not stop"
+    load = Load(fault_server.url, SOAK_CLIENTS, _mixed_requests(digit_files, bundle_name), stop_at=start + warm_max_s + SOAK_SECONDS)
+    load.start()
+    while time.monotonic() < start + warm_max_s and not (time.monotonic() >= start + warm_s and load.answered() >= warm_answers):
+        time.sleep(0.1)
+    rss_before, warm_requests, warmed = rss_mib(fault_server.proc.pid), load.answered(), time.monotonic() - start
+    load.stop_at = time.monotonic() + SOAK_SECONDS
+    load.join()
     rss_after = rss_mib(fault_server.proc.pid)
-    total = sum(statuses.values())
+    soaked = sum(load.statuses.values()) - warm_requests
     growth = rss_after / rss_before - 1.0
     print(
-        f"\nsoak: {SOAK_CLIENTS} clients, {SOAK_SECONDS:g} s after a {SOAK_WARMUP_SECONDS:g} s warm-up: "
-        f"{total - warm_requests} requests ({(total - warm_requests) / SOAK_SECONDS:.0f}/s), {len(failures)} errors, "
+        f"\nsoak: {SOAK_CLIENTS} clients, {SOAK_SECONDS:g} s after a {warmed:.1f} s warm-up ({warm_requests} requests): "
+        f"{soaked} requests ({soaked / SOAK_SECONDS:.0f}/s), {len(load.failures)} errors, "
         f"RSS {rss_before:.1f} -> {rss_after:.1f} MiB ({growth:+.1%})"
     )
-    assert failures == [], failures[:5]
-    assert set(statuses) == {200}, statuses
-    assert total - warm_requests >= SOAK_CLIENTS * 2, statuses
+    assert load.failures == [], load.failures[:5]
+    assert set(load.statuses) == {200}, load.statuses
+    assert soaked >= SOAK_CLIENTS * 2, load.statuses
     assert growth < RSS_GROWTH_LIMIT
     assert server_errors(fault_server.url) == 0
 
@@ -293,12 +316,13 @@ def _half_uploads(server: Server, png: bytes, bundle_name: str) -> list[tuple[by
     return [(head("POST", path, {**headers, "Content-Length": str(len(body))}), body[: len(body) // 2]) for path, body, headers in bodies]
 
 
-def _abandon(server: Server, uploads: list[tuple[bytes, bytes]], count: int, offset: int) -> None:
+def _abandon(server: Server, uploads: list[tuple[bytes, bytes]], count: int, offset: int, pause_s: float = 0.0) -> None:
+    """``count`` connections that each send a head and half the body, then close."""
     for i in range(count):
         start, half = uploads[(offset + i) % len(uploads)]
         with connect(server) as sock:
             sock.sendall(start + half)
-        # closed with half the declared body sent
+        time.sleep(pause_s)
 
 
 @pytest.mark.reliability("server: 200 uploads abandoned mid-body, no leak, others served")
@@ -314,7 +338,7 @@ def test_uploads_abandoned_mid_body_leak_nothing_and_block_no_one(fault_server: 
     start = time.perf_counter()
     with normal_traffic(fault_server, png, pause_s=0.0) as probe:
         probe_before = sum(probe.statuses.values())
-        abusers = [threading.Thread(target=_abandon, args=(fault_server, uploads, per_thread, k)) for k in range(threads)]
+        abusers = [threading.Thread(target=_abandon, args=(fault_server, uploads, per_thread, k, 0.05)) for k in range(threads)]
         for t in abusers:
             t.start()
         for t in abusers:
@@ -397,20 +421,21 @@ def test_slow_bodies_get_408_at_the_deadline_without_blocking_others(fault_serve
     png = digit_files[0].read_bytes()
     pid = fault_server.proc.pid
     v2_path = f"/v2/models/{bundle_name}/infer"
-    targets = [
-        ("/predict", {"Content-Type": "multipart/form-data; boundary=b"}),
-        ("/predict", {"Content-Type": "application/json"}),
-        (v2_path, {"Content-Type": "application/json"}),
-        ("/nope", {"Content-Type": "application/json"}),  # a 404 that never reads the body: the next head's deadline closes it
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\nContent-Type: image/png\r\n\r\n'
+    targets = [  # (path, headers, the body's first bytes): valid so far, so only the clock can stop them
+        ("/predict", {"Content-Type": "multipart/form-data; boundary=b"}, part),
+        ("/predict", {"Content-Type": "application/json"}, b'{"instances": ["'),
+        (v2_path, {"Content-Type": "application/json"}, b'{"inputs": [{"name": "image", "data": ['),
+        ("/nope", {"Content-Type": "application/json"}, b""),  # a 404 that never reads the body: the next head's deadline closes it
     ]
     fds_before = open_fds(pid)
     clients = []
     with normal_traffic(fault_server, png) as probe:
         for i in range(16):
-            path, headers = targets[i % len(targets)]
+            path, headers, prefix = targets[i % len(targets)]
             sock = connect(fault_server)
-            sock.sendall(head("POST", path, {**headers, "Content-Length": "1000"}))
-            clients.append(SlowClient(sock, time.monotonic(), b"x"))
+            sock.sendall(head("POST", path, {**headers, "Content-Length": "1000"}) + prefix)
+            clients.append(SlowClient(sock, time.monotonic(), b"1" if path == v2_path else b"A"))
         time.sleep(0.5)
         fds_held = open_fds(pid)
         _drip_until_closed(clients, interval_s=0.25, limit_s=BODY_TIMEOUT_S + HEADER_TIMEOUT_S + 10)
@@ -423,7 +448,8 @@ def test_slow_bodies_get_408_at_the_deadline_without_blocking_others(fault_serve
         f"normal requests meanwhile: {sum(probe.statuses.values())}, slowest {max(probe.latencies, default=0) * 1000:.0f} ms"
     )
     assert len(closed) == len(clients), "a slow connection was still open when the test gave up"
-    for c, (path, _) in zip(clients, [targets[i % len(targets)] for i in range(16)]):
+    for i, c in enumerate(clients):
+        path = targets[i % len(targets)][0]
         if path == "/nope":  # answered 404 at once; closed once the head deadline of the next request passes
             assert status_of(c.answer) == 404 and HEADER_TIMEOUT_S - 0.1 < c.closed_after < HEADER_TIMEOUT_S + 1.5
         else:

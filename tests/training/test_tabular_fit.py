@@ -20,8 +20,9 @@ from pixelmill.training.fit import resume, train
 
 
 def _overrides(path: Path, out: Path, *extra: str) -> list[str]:
+    # The issue's own command line: data.kind / model.name pick the packaged tabular and mlp defaults.
     return [
-        "data=tabular", f"data.path={path}", "data.target=target", "model=mlp",
+        "data.kind=tabular", f"data.path={path}", "data.target=target", "model.name=mlp",
         "logger=[csv]", "trainer.progress_bar=false", f"output_dir={out}", *extra,
     ]
 

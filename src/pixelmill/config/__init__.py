@@ -50,6 +50,16 @@ def _group_file(group: str, name: str) -> dict:
     return {group: _read_yaml(text, f"packaged {group}/{name}.yaml")}
 
 
+def _dotted_items(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items += _dotted_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is read as YAML (numbers, booleans, lists, null)."""
     key, sep, raw = item.partition("=")
@@ -159,6 +169,13 @@ def load_config(overrides: Iterable[str] = (), config_file: str | Path | None = 
         else:
             dotted.append((key, value))
     selections = {**GROUPS, **file_groups, **cli_groups}
+    # `data.kind=tabular` or `model.name=mlp` without a group choice picks the packaged
+    # defaults of that kind or model, as `data=tabular` / `model=mlp` would.
+    chosen = {**{k: v for k, v in _dotted_items(user)}, **dict(dotted)}
+    implied = {"data": chosen.get("data.kind"), "model": chosen.get("model.name")}
+    for group, name in implied.items():
+        if group not in file_groups and group not in cli_groups and isinstance(name, str) and name in group_options(group):
+            selections[group] = name
 
     for group, name in selections.items():
         _merge_mapping(cfg, _group_file(group, name))

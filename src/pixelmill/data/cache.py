@@ -62,7 +62,7 @@ def _available_ram() -> int | None:
 
 
 class ImageCache:
-    """One file list's resized images in one flat uint8 buffer: ``load(i, path)`` -> PIL image.
+    """One file list's resized images in one flat uint8 buffer: ``load(i, path)`` -> (H, W, C) uint8.
 
     The slots are laid out up front from the image headers. The buffer holds N fill flags,
     N (height, width) pairs, then the pixels; a slot is written before its flag is set, so
@@ -164,17 +164,16 @@ class ImageCache:
         return buf[start : start + 8 * self.n].view(np.int32).reshape(self.n, 2)
 
     def get(self, index: int) -> np.ndarray | None:
-        """The cached (H, W) or (H, W, C) uint8 image, or None."""
+        """The cached (H, W, C) uint8 image (a view of the shared buffer), or None."""
         buf = self._buffer()
         if not self._flags(buf)[index]:
             return None
         h, w = (int(v) for v in self._shapes(buf)[index])
         start = int(self.offsets[index])
-        pixels = buf[start : start + int(self.sizes[index])].reshape(h, w, self.prep.channels)
-        return pixels[:, :, 0] if self.prep.channels == 1 else pixels
+        return buf[start : start + int(self.sizes[index])].reshape(h, w, self.prep.channels)
 
     def put(self, index: int, image: np.ndarray) -> None:
-        """Store one resized image (ignored if it does not fit its slot: the file changed)."""
+        """Store one (H, W, C) resized image (skipped if it does not fit its slot: the file changed)."""
         if image.nbytes != int(self.sizes[index]) or image.nbytes == 0:
             return
         buf = self._buffer()
@@ -183,16 +182,19 @@ class ImageCache:
         self._shapes(buf)[index] = image.shape[:2]
         self._flags(buf)[index] = 1
 
-    def load(self, index: int, path: str) -> Image.Image:
-        """Image ``index`` (file ``path``) resized by ``resize_short``: from the cache, else decoded and stored."""
+    def load(self, index: int, path: str) -> np.ndarray:
+        """Image ``index`` (file ``path``) after ``resize_short``, (H, W, C) uint8: cached, else decoded and stored.
+
+        Treat the result as read-only: it may be the shared buffer itself.
+        """
         pixels = self.get(index)
         if pixels is not None:
-            # PIL copies RGB arrays but would alias 'L' ones: the image must not alias the buffer.
-            return Image.fromarray(pixels.copy() if pixels.ndim == 2 else pixels)
+            return pixels
         draft_short = self.prep.resize_to if self.draft else None
         img = resize_short(load_image(path, self.prep.channels, draft_short=draft_short), self.prep)
-        self.put(index, np.asarray(img))
-        return img
+        pixels = np.array(img, dtype=np.uint8).reshape(img.height, img.width, self.prep.channels)
+        self.put(index, pixels)
+        return pixels
 
 
 def make_cache(mode: str, paths: list[str], prep: Preprocessing, draft: bool = False) -> ImageCache | None:

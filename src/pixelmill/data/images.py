@@ -38,14 +38,15 @@ class ImageDataset(Dataset):
     seed, the random augmentation of that sample is drawn from its own generator state, so
     the result depends on (seed, epoch, position) only - not on the number of workers.
 
-    With a ``cache`` (``data.cache``), images come resized from it (see ``data/cache.py``).
+    With a ``cache`` (``data.cache``), images come resized from it as (C, H, W) uint8 tensors
+    (see ``data/cache.py``); the transforms take those as well as PIL images.
     """
 
     def __init__(
         self,
         items: list[tuple[str, int]],
         channels: int,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image | torch.Tensor], torch.Tensor],
         cache: ImageCache | None = None,
     ):
         self.items = items
@@ -60,7 +61,10 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.items[index]
         try:
-            img = self.cache.load(index, path) if self.cache is not None else load_image(path, self.channels)
+            if self.cache is None:
+                img: Image.Image | torch.Tensor = load_image(path, self.channels)
+            else:  # (H, W, C) uint8, already resize_short-ed -> (C, H, W) view
+                img = torch.from_numpy(self.cache.load(index, path)).permute(2, 0, 1)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image '{path}' ({exc}); it changed after the scan - re-run training") from None
         if seed is None:

@@ -135,11 +135,16 @@ def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
     """
     img = resize_short(img, prep)
     w, h = img.size
-    top = int(round((h - prep.size) / 2.0))
-    left = int(round((w - prep.size) / 2.0))
     if (w, h) != (prep.size, prep.size):
+        left, top = crop_origin((w, h), prep.size)
         img = img.crop((left, top, left + prep.size, top + prep.size))
     return img
+
+
+def crop_origin(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(left, top) of the centred ``crop`` x ``crop`` square in an image of (width, height) ``size``."""
+    w, h = size
+    return int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
 
 
 def to_model_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:

@@ -23,17 +23,19 @@ frames hold numeric and boolean columns as float64 (NaN missing) and categorical
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from pixelmill.data.scan import split_indices
 from pixelmill.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ _SPLIT_FILES = {"train": ("train.csv",), "val": ("val.csv", "valid.csv", "valida
 
 @dataclass
 class RawTable:
-    """One CSV as strings: ``frame`` holds stripped text or None (missing); ``lines[i]`` is row i's file line."""
+    """One CSV as strings: ``frame`` holds stripped text or NaN (missing); ``lines[i]`` is row i's file line."""
 
     path: Path
     frame: pd.DataFrame
@@ -232,9 +234,10 @@ def typed_features(table: RawTable, schema: TabularSchema) -> pd.DataFrame:
     have = set(table.frame.columns)
     missing = [name for name in schema.columns if name not in have]
     if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise DataError(
-            f"'{table.path}' is missing column(s) {', '.join(repr(m) for m in missing)} that the schema needs "
-            f"(columns: {', '.join(schema.columns)})"
+            f"'{table.path}' is missing column(s) {', '.join(repr(m) for m in missing[:8])}{more} that the model "
+            "was trained on; add them (extra columns are fine)"
         )
     extra = sorted(have - set(schema.columns) - set(schema.ignored) - {schema.target})
     if extra:
@@ -319,30 +322,61 @@ class TabularData:
         }
 
 
-def _rows(table: RawTable, labels: np.ndarray, positions: Any = slice(None)) -> list[tuple[str, int]]:
-    return [(f"{table.path.name}:{line}", int(y)) for line, y in zip(table.lines[positions], labels[positions])]
+class _Part(NamedTuple):
+    """One CSV file typed by the schema, and which of its rows belong to one split."""
+
+    table: RawTable
+    frame: pd.DataFrame  # typed features of every row of the file
+    labels: np.ndarray  # (N,) class index of every row
+    rows: Any = slice(None)  # positions of this split's rows in the file
 
 
-def _split_files(folder: Path) -> dict[str, Path]:
+def _row_ids(part: _Part) -> list[tuple[str, int]]:
+    """('file.csv:LINE', class index) for each row of the split: the sample ids in predictions.csv."""
+    return [(f"{part.table.path.name}:{line}", int(y)) for line, y in zip(part.table.lines[part.rows], part.labels[part.rows])]
+
+
+def _typed(table: RawTable, schema: TabularSchema) -> _Part:
+    return _Part(table, typed_features(table, schema), target_labels(table, schema))
+
+
+def _new_schema(table: RawTable, data_cfg: Any) -> TabularSchema:
+    """Infer the schema from the training table; the classes are its sorted target labels."""
+    overrides = {str(k): str(v) for k, v in dict(data_cfg.columns).items()}
+    schema = infer_schema(table, data_cfg.target, overrides)
+    classes = _sorted_labels(set(table.frame[schema.target].dropna()))  # empty cells: target_labels names them
+    if len(classes) < 2:
+        raise DataError(f"target column '{schema.target}' in '{table.path}' needs at least 2 classes, found {classes}")
+    return dataclasses.replace(schema, classes=classes)
+
+
+def _folder_parts(folder: Path, data_cfg: Any, seed: int, schema: TabularSchema | None) -> tuple[TabularSchema, dict[str, _Part]]:
+    """train.csv (+ val.csv, test.csv); a missing val is carved from train, seeded and stratified like images."""
     found = {s: next((folder / n for n in names if (folder / n).is_file()), None) for s, names in _SPLIT_FILES.items()}
     if found["train"] is None:
         csvs = ", ".join(sorted(p.name for p in folder.glob("*.csv"))) or "none"
         raise DataError(f"'{folder}' has no train.csv (CSV files there: {csvs}); add train.csv or point data.path at one CSV file")
-    return {s: p for s, p in found.items() if p is not None}
+    tables = {split: read_csv(p) for split, p in found.items() if p is not None}
+    schema = schema or _new_schema(tables["train"], data_cfg)
+    parts = {split: _typed(table, schema) for split, table in tables.items()}
+    if "val" not in parts:
+        train = parts["train"]
+        idx = split_indices(train.labels.tolist(), val_ratio=data_cfg.val_ratio, test_ratio=0.0, seed=seed)
+        parts.update(train=train._replace(rows=idx["train"]), val=train._replace(rows=idx["val"]))
+    return schema, parts
 
 
-def _with_classes(schema: TabularSchema, table: RawTable) -> TabularSchema:
-    if schema.target in table.frame.columns:  # target_labels reports empty cells below
-        schema.classes = _sorted_labels(set(table.frame[schema.target].dropna()))
-    if len(schema.classes) < 2:
-        raise DataError(f"target column '{schema.target}' in '{table.path}' needs at least 2 classes, found {schema.classes}")
-    return schema
+def _file_parts(path: Path, data_cfg: Any, seed: int, schema: TabularSchema | None) -> tuple[TabularSchema, dict[str, _Part]]:
+    """One CSV, split train/val/test with the seeded stratified split."""
+    table = read_csv(path)
+    schema = schema or _new_schema(table, data_cfg)
+    whole = _typed(table, schema)
+    idx = split_indices(whole.labels.tolist(), val_ratio=data_cfg.val_ratio, test_ratio=data_cfg.test_ratio, seed=seed)
+    return schema, {split: whole._replace(rows=idx[split]) for split in ("train", "val", "test")}
 
 
 def load_tabular(data_cfg: Any, seed: int, schema: TabularSchema | None = None) -> TabularData:
     """Read, type and split ``data_cfg.path``; infer the schema from the training rows unless one is given."""
-    from pixelmill.data.scan import split_indices
-
     if data_cfg.augment.mixup_alpha > 0 or data_cfg.augment.cutmix_alpha > 0:
         raise ConfigError("data.augment.mixup_alpha and cutmix_alpha apply to images only; set them to 0 for data.kind=tabular")
     if not data_cfg.path:
@@ -350,28 +384,10 @@ def load_tabular(data_cfg: Any, seed: int, schema: TabularSchema | None = None) 
     path = Path(data_cfg.path)
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist; set data.path=FILE.csv or a folder with train.csv")
-    overrides = {str(k): str(v) for k, v in dict(data_cfg.columns).items()}
-    if path.is_dir():
-        tables = {split: read_csv(p) for split, p in _split_files(path).items()}
-        schema = schema or _with_classes(infer_schema(tables["train"], data_cfg.target, overrides), tables["train"])
-        parts = {split: (t, typed_features(t, schema), target_labels(t, schema)) for split, t in tables.items()}
-        if "val" not in parts:  # carve val from train, seeded and stratified like images
-            table, frame, labels = parts["train"]
-            idx = split_indices(labels.tolist(), val_ratio=data_cfg.val_ratio, test_ratio=0.0, seed=seed)
-            parts = {**parts, **{s: (table, frame, labels, idx[s]) for s in ("train", "val")}}
-        layout = "csv folder"
-    else:
-        table = read_csv(path)
-        schema = schema or _with_classes(infer_schema(table, data_cfg.target, overrides), table)
-        frame, labels = typed_features(table, schema), target_labels(table, schema)
-        idx = split_indices(labels.tolist(), val_ratio=data_cfg.val_ratio, test_ratio=data_cfg.test_ratio, seed=seed)
-        parts = {s: (table, frame, labels, idx[s]) for s in ("train", "val", "test")}
-        layout = "csv file"
-    frames, splits = {}, {}
-    for split, (table, frame, labels, *positions) in parts.items():
-        pos = positions[0] if positions else slice(None)
-        frames[split] = frame.iloc[pos].reset_index(drop=True)
-        splits[split] = _rows(table, labels, pos)
+    layout = "csv folder" if path.is_dir() else "csv file"
+    schema, parts = (_folder_parts if path.is_dir() else _file_parts)(path, data_cfg, seed, schema)
+    frames = {split: part.frame.iloc[part.rows].reset_index(drop=True) for split, part in parts.items()}
+    splits = {split: _row_ids(part) for split, part in parts.items()}
     splits.setdefault("test", [])
     frames.setdefault("test", frames["train"].iloc[:0])
     if not splits["val"]:
@@ -380,7 +396,7 @@ def load_tabular(data_cfg: Any, seed: int, schema: TabularSchema | None = None) 
         values = frames["train"][name]
         if (values == MISSING_CATEGORY).all() if kind == "categorical" else values.isna().all():
             raise DataError(f"column '{name}' is empty in every training row; fill it or set data.columns={{{name}: ignore}}")
-    digest = hashlib.sha256("".join(sorted({f"{t.path.name}:{t.sha256}\n" for t, *_ in parts.values()})).encode())
+    digest = hashlib.sha256("".join(sorted({f"{p.table.path.name}:{p.table.sha256}\n" for p in parts.values()})).encode())
     data = TabularData(str(path), layout, schema, frames, splits, digest.hexdigest()[:16])
     log.info("read %s (%s): %s", path, layout, ", ".join(f"{k}={v}" for k, v in data.counts().items()))
     return data
@@ -388,10 +404,9 @@ def load_tabular(data_cfg: Any, seed: int, schema: TabularSchema | None = None) 
 
 def load_csv_for_eval(path: str | Path, schema: TabularSchema) -> TabularData:
     """Any CSV with the schema's columns and target, as one split named after the file."""
-    table = read_csv(path)
-    name = table.path.stem
-    frame, labels = typed_features(table, schema), target_labels(table, schema)
-    return TabularData(str(path), "csv file", schema, {name: frame}, {name: _rows(table, labels)}, table.sha256[:16])
+    part = _typed(read_csv(path), schema)
+    name = part.table.path.stem
+    return TabularData(str(path), "csv file", schema, {name: part.frame}, {name: _row_ids(part)}, part.table.sha256[:16])
 
 
 def _finite(value: Any) -> float | None:

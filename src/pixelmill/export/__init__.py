@@ -199,6 +199,12 @@ def export_run(
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8 needs --format onnx")
     run_dir = runs.resolve_run_dir(run_dir)
+    if runs.read_summary(run_dir).get("preprocessing", {}).get("kind") == "tabular":
+        if fmt != "onnx" or quantize:
+            raise ConfigError("a tabular run exports to float ONNX only; drop --format/--quantize")
+        from pixelmill.export.tabular import export_tabular_run
+
+        return export_tabular_run(run_dir, checkpoint, out, max_rows=max(max_images, 256), opset=opset, name=name)
     summary, cfg, net, epoch = _load_run(run_dir, checkpoint)
     classes, prep = list(summary["classes"]), Preprocessing.from_dict(summary["preprocessing"])
 

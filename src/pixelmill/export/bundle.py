@@ -87,6 +87,7 @@ def write_bundle(out_dir: Path, meta: dict, files: list[str]) -> Bundle:
         **meta,
         "files": hashes,
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     write_atomic(out_dir / BUNDLE_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return Bundle(path=out_dir.resolve(), meta=meta)
 
@@ -114,8 +115,19 @@ def _load_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _meta_digest(meta: dict) -> str:
+    """sha256 of bundle.json's own content: class names and preprocessing cannot be edited unseen."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify_files(path: Path, meta: dict) -> None:
-    """Raise BundleError if any listed file is missing or its sha256 differs."""
+    """Raise BundleError if bundle.json was edited, or any listed file is missing or its sha256 differs."""
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise BundleError(
+            f"Bundle {path}: {BUNDLE_FILE} was edited after export (classes, preprocessing or hashes changed); "
+            "export the bundle again."
+        )
     files = meta["files"]
     if meta["model_file"] not in files:
         raise BundleError(f"Bundle {path}: model file {meta['model_file']!r} has no sha256 in {BUNDLE_FILE}.")

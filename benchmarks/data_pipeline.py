@@ -1,0 +1,167 @@
+"""Claim: pixelmill's image loading is as fast as torchvision's ImageFolder, and ``data.cache`` beats it.
+
+A folder of 2,000 JPEG photos (about 500x375, made offline by ``_photos.py``) feeds the
+training transforms of an ImageNet-style recipe at 224 px: RandomResizedCrop(224, scale
+0.08-1, bilinear), horizontal flip, normalise. Both sides use DataLoader batches of 64 and
+the same worker count with persistent workers; batches are only consumed (no model), so
+the figure is the data pipeline alone.
+
+pixelmill: ``ImageDataModule.train_dataloader()`` exactly as ``train()`` builds it, with
+``data.cache`` none, memory and disk. torchvision: ``datasets.ImageFolder`` + ``DataLoader``.
+Epoch 1 is the first pass over the files (already in the OS page cache, so JPEG decoding -
+not the disk - is measured); later epochs are where a cache pays off.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Report, header, median, parse_args, quiet  # noqa: E402
+from _photos import photo_dir  # noqa: E402
+
+BATCH = 64
+WORKERS = 2
+
+
+def warm_page_cache(root: Path) -> int:
+    n = 0
+    for p in sorted(root.rglob("*.jpg")):
+        n += len(p.read_bytes())
+    return n
+
+
+def epochs_per_second(make_loader, epochs: int) -> list[tuple[float, int]]:
+    """(seconds, images) per epoch; epoch 1 includes building the loader and starting its workers."""
+    start = time.perf_counter()
+    loader = make_loader()
+    out = []
+    for epoch in range(epochs):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        n = 0
+        for x, _ in loader:
+            n += len(x)
+        out.append((time.perf_counter() - start, n))
+        start = time.perf_counter()
+    del loader
+    return out
+
+
+def pixelmill_loader(root: Path, cache: str, extra: list[str]):
+    """The training DataLoader ``train()`` would build for resnet18 on this folder."""
+    from pixelmill.config import load_config
+    from pixelmill.data.datamodule import ImageDataModule
+    from pixelmill.data.scan import scan_images
+    from pixelmill.models import create_model
+    from pixelmill.training.fit import resolve_preprocessing
+
+    cfg = load_config([
+        f"data.path={root}", "model.name=resnet18", f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}",
+        "data.val_ratio=0.05", "data.test_ratio=0.0", "data.augment.random_resized_crop=true",
+        "data.augment.scale_min=0.08", "data.augment.hflip=true", f"data.cache={cache}", *extra,
+    ])
+    scan = scan_images(root, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed)
+    prep = resolve_preprocessing(cfg, create_model("resnet18", len(scan.classes)))
+    return lambda: ImageDataModule(scan, prep, cfg.data, cfg.seed).train_dataloader()
+
+
+def torchvision_loader(root: Path):
+    """What a user writes instead: ImageFolder + the same transforms + DataLoader."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision.transforms import InterpolationMode, v2
+
+    transform = v2.Compose([
+        v2.RandomResizedCrop(224, scale=(0.08, 1.0), interpolation=InterpolationMode.BILINEAR),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    return lambda: DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, persistent_workers=True)
+
+
+def draft_figures(report: Report, work: Path, n: int) -> None:
+    """JPEG draft mode on large photos (training-time cache fills only): decode + resize to 256 px."""
+    from PIL import Image
+
+    from pixelmill.data.preprocess import Preprocessing, load_image, resize_short
+
+    big = work / "big"
+    big.mkdir()
+    src = sorted(photo_dir(64).rglob("*.jpg"))[:n]
+    for i, p in enumerate(src):
+        Image.open(p).resize((2000, 1500), Image.Resampling.BICUBIC).save(big / f"{i}.jpg", quality=90)
+    prep = Preprocessing(3, 224, 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    files = sorted(big.glob("*.jpg"))
+    times: dict[str, list[float]] = {"full": [], "draft": []}
+    for _ in range(3):
+        for name, draft in (("full", None), ("draft", prep.resize_to)):
+            start = time.perf_counter()
+            for f in files:
+                resize_short(load_image(f, 3, draft_short=draft), prep)
+            times[name].append((time.perf_counter() - start) / len(files) * 1000)
+    full, draft = median(times["full"]), median(times["draft"])
+    report.figure("2000x1500 JPEG -> 256 px: full decode + resize", full, "ms/image")
+    report.figure("2000x1500 JPEG -> 256 px: draft decode + resize (train cache fill)", draft, "ms/image")
+    report.ratio("draft decoding speed-up on 2000x1500 photos (info)", full / draft, 1.0)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    header("data_pipeline", args.quick)
+    quiet()
+    report = Report("data_pipeline", args.quick)
+    n, epochs, rounds = (64, 2, 1) if args.quick else (2000, 3, 2)
+    root = photo_dir(n)
+    report.figure("photos", n, "JPEG files", bytes=warm_page_cache(root))
+    with tempfile.TemporaryDirectory(prefix="pixelmill-bench-cache-") as cache_dir:
+        import os
+
+        os.environ["PIXELMILL_CACHE_DIR"] = cache_dir  # a fresh disk cache for this run
+        from pixelmill.data.scan import scan_images
+
+        pixelmill_loader(root, "none", args.overrides)  # imports, once
+        start = time.perf_counter()
+        scan_images(root, val_ratio=0.05, test_ratio=0.0)
+        report.figure("pixelmill scan (verify + hash every file, once per run)", time.perf_counter() - start, "s")
+        sides = {
+            "torchvision ImageFolder": torchvision_loader(root),
+            "pixelmill cache=none": pixelmill_loader(root, "none", args.overrides),
+            "pixelmill cache=memory": pixelmill_loader(root, "memory", args.overrides),
+        }
+        if not args.quick:
+            sides["pixelmill cache=disk"] = pixelmill_loader(root, "disk", args.overrides)
+        first: dict[str, list[float]] = {k: [] for k in sides}
+        later: dict[str, list[float]] = {k: [] for k in sides}
+        names = list(sides)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                for i, (seconds, images) in enumerate(epochs_per_second(sides[name], epochs)):
+                    (first if i == 0 else later)[name].append(images / seconds)
+        if not args.quick:  # a second run over the same files finds the disk cache full
+            disk_rerun = [images / s for s, images in epochs_per_second(sides["pixelmill cache=disk"], 1)]
+        for name in names:
+            report.figure(f"{name}: epoch 1", median(first[name]), "images/s")
+            report.figure(f"{name}: epochs 2+", median(later[name]), "images/s")
+        if not args.quick:
+            report.figure("pixelmill cache=disk: epoch 1 of a later run (cache file reused)", disk_rerun[0], "images/s")
+            with tempfile.TemporaryDirectory(prefix="pixelmill-bench-draft-") as tmp:
+                draft_figures(report, Path(tmp), 24)
+    tv = "torchvision ImageFolder"
+    report.ratio("data_pipeline epoch 1, cache=memory vs ImageFolder", median(first["pixelmill cache=memory"]) / median(first[tv]), 1.0)
+    if not args.quick:
+        report.ratio("data_pipeline epochs 2+, cache=disk vs ImageFolder", median(later["pixelmill cache=disk"]) / median(later[tv]), 3.0)
+    report.ratio("data_pipeline epochs 2+, cache=memory vs ImageFolder", median(later["pixelmill cache=memory"]) / median(later[tv]), 3.0)
+    report.ratio("data_pipeline epoch 1 (pixelmill cache=none / ImageFolder images/s)", median(first["pixelmill cache=none"]) / median(first[tv]), 1.0)
+    report.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()

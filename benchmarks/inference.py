@@ -1,0 +1,159 @@
+"""Claim: the exported bundle beats PyTorch eager, and ``pixelmill predict`` is not held back by decoding.
+
+Two real runs are trained briefly (small CNN and resnet18, 224 px, on the benchmark photos)
+and exported with ``export_run`` - the bundle is the one users ship.
+
+- bundle vs eager: ``OnnxClassifier.run`` (ONNX Runtime, the bundle) against the same network
+  in PyTorch eager (``UInt8Classifier``: the same uint8 NHWC -> probabilities graph, under
+  ``torch.inference_mode``), on the same already-prepared uint8 batches of 1 and 32.
+- predict on files: ``Predictor.predict_files`` on a folder of JPEG photos (decode, resize,
+  crop, infer, decode the output) against raw ONNX Runtime ``session.run`` on the same images
+  already decoded into uint8 tensors - the limit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # noqa: E402
+from _photos import photo_dir  # noqa: E402
+
+
+def trained_bundle(model: str, data: Path, out: Path, extra: list[str]) -> Path:
+    """A briefly trained run of ``model`` at 224 px, exported to its bundle."""
+    from pixelmill.config import load_config
+    from pixelmill.export import export_run
+    from pixelmill.training.fit import train
+
+    cfg = load_config([
+        f"data.path={data}", f"model.name={model}", "data.image_size=224", "data.batch_size=8",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.progress_bar=false", "logger=[csv]", "eval.splits=[]", f"output_dir={out}", f"run_name={model}", *extra,
+    ])
+    result = train(cfg)
+    return export_run(result.run_dir, max_images=8).path
+
+
+def per_call_seconds(fn, batch: np.ndarray, seconds: float, min_calls: int = 3) -> list[float]:
+    """Seconds per call of ``fn(batch)``, repeated for about ``seconds`` (after one warm-up call)."""
+    fn(batch)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bundle_vs_eager(report: Report, name: str, bundle: Path, images: np.ndarray, seconds: float) -> None:
+    import torch
+
+    from pixelmill.export.bundle import read_bundle
+    from pixelmill.export.onnx import UInt8Classifier
+    from pixelmill.inference import OnnxClassifier
+    from pixelmill.predict import TorchClassifier
+
+    b = read_bundle(bundle)
+    ort = OnnxClassifier(b)
+    eager = TorchClassifier(b.meta["run"]["run_dir"])
+    assert isinstance(eager._model, UInt8Classifier)
+    for batch_size in (1, 32):
+        batch = np.ascontiguousarray(images[:batch_size])
+        got = {"bundle": [], "eager": []}
+        for _ in range(3):  # alternate, so load on the machine falls on both
+            got["bundle"] += per_call_seconds(ort.run, batch, seconds / 6)
+            got["eager"] += per_call_seconds(eager.run, batch, seconds / 6)
+        np.testing.assert_allclose(ort.run(batch), eager.run(batch), atol=1e-4)
+        t_ort, t_eager = median(got["bundle"]), median(got["eager"])
+        report.figure(f"{name} batch {batch_size}: bundle (ONNX Runtime)", t_ort * 1000, "ms/call", images_per_s=round(batch_size / t_ort, 1))
+        report.figure(f"{name} batch {batch_size}: PyTorch eager", t_eager * 1000, "ms/call", images_per_s=round(batch_size / t_eager, 1))
+        if batch_size == 1:
+            report.ratio(f"inference {name} batch 1 (bundle speed / eager speed)", t_eager / t_ort, 1.5)
+        else:
+            report.ratio(f"inference {name} batch 32 (bundle speed / eager speed, info)", t_eager / t_ort, 1.0)
+    del eager
+    torch.set_num_threads(torch.get_num_threads())
+
+
+def predict_vs_raw(report: Report, name: str, bundle: Path, files: list[str], rounds: int) -> None:
+    """Images/s of Predictor.predict_files on JPEG files vs raw session.run on decoded tensors."""
+    import onnxruntime as ort
+
+    from pixelmill.inference import prepare_image
+    from pixelmill.export.bundle import read_bundle
+    from pixelmill.predict import Predictor
+
+    b = read_bundle(bundle)
+    decoded = np.stack([prepare_image(f, b.preprocessing) for f in files])  # (N, H, W, C) uint8
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(str(b.model_file), options, providers=["CPUExecutionProvider"])
+    predictor = Predictor.load(bundle)
+    predictor.predict_files(files[:32])  # warm-up
+
+    def raw() -> float:
+        start = time.perf_counter()
+        for i in range(0, len(decoded), 32):
+            session.run(None, {b.input_name: decoded[i : i + 32]})
+        return len(decoded) / (time.perf_counter() - start)
+
+    def files_rate() -> float:
+        start = time.perf_counter()
+        rows = predictor.predict_files(files, batch_size=32)
+        assert all(r.error is None for r in rows)
+        return len(files) / (time.perf_counter() - start)
+
+    rates = {"raw": [], "predict": []}
+    for _ in range(rounds):
+        rates["raw"].append(raw())
+        rates["predict"].append(files_rate())
+    r_raw, r_pred = median(rates["raw"]), median(rates["predict"])
+    report.figure(f"{name}: raw ONNX Runtime on decoded uint8 batches of 32", r_raw, "images/s")
+    report.figure(f"{name}: Predictor.predict_files on {len(files)} JPEG files", r_pred, "images/s")
+    report.ratio(f"inference predict {name} on files (predict images/s / raw ORT images/s)", r_pred / r_raw, 0.8)
+
+
+def cli_predict(report: Report, bundle: Path, folder: Path, n: int, out: Path) -> None:
+    """The command line end to end (process start, imports, bundle load, every file)."""
+    start = time.perf_counter()
+    subprocess.run([pixelmill_bin(), "predict", str(bundle), str(folder), "--out", str(out / "p.csv")], check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    report.figure(f"`pixelmill predict` CLI, {n} files, wall time incl. start-up", seconds, "s", images_per_s=round(n / seconds, 1))
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    header("inference", args.quick)
+    quiet()
+    report = Report("inference", args.quick)
+    models = ["small_cnn"] if args.quick else ["small_cnn", "resnet18"]
+    n_files, seconds, rounds = (32, 1.0, 1) if args.quick else (320, 8.0, 3)
+    train_data = photo_dir(64)
+    folder = photo_dir(n_files)
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    with tempfile.TemporaryDirectory(prefix="pixelmill-bench-infer-") as tmp:
+        work = Path(tmp)
+        from pixelmill.data.preprocess import Preprocessing
+        from pixelmill.inference import prepare_image
+
+        prep = Preprocessing(3, 224, 1.0, "bilinear", (0.5,) * 3, (0.5,) * 3)
+        images = np.stack([prepare_image(f, prep) for f in files[:32]])
+        bundles = {m: trained_bundle(m, train_data, work / "runs", args.overrides) for m in models}
+        for m in models:
+            bundle_vs_eager(report, m, bundles[m], images, seconds)
+        if not args.quick:
+            cli_predict(report, bundles["resnet18"], folder, len(files), work)
+        for m in models:
+            predict_vs_raw(report, m, bundles[m], files, rounds)
+    report.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()

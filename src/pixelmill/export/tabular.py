@@ -1,0 +1,188 @@
+"""Export a tabular run: the fitted ColumnTransformer (skl2onnx) and the MLP (torch.onnx) merged into one graph.
+
+The merged ``model.onnx`` takes one named (N, 1) input per raw column (numeric and boolean
+float32, categorical string) and returns ``probabilities`` (N, num_classes) float32, so a
+client never re-implements imputation, scaling or one-hot encoding. Before the bundle is
+written, ONNX Runtime runs the run's test rows (else val) and must agree with
+scikit-learn + eager PyTorch exactly as the image export must agree with PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixelmill import runs
+from pixelmill.errors import BundleError, ConfigError, DataError
+from pixelmill.export.bundle import Bundle, read_bundle, write_bundle
+from pixelmill.tabular_inference import TabularSchemaView, feeds, rows_from_frame
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features"  # the MLP's input inside the merged graph
+OUTPUT_NAME = "probabilities"
+ML_OPSET = 3
+
+
+def preprocessor_onnx(prep, opset: int):
+    """The fitted ColumnTransformer as ONNX: one (N, 1) input per column -> (N, F) float32."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    types = {"categorical": StringTensorType, "numeric": FloatTensorType, "boolean": FloatTensorType}
+    initial = [(name, types[kind]([None, 1])) for name, kind in prep.schema.columns.items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_sklearn(prep.transformer, initial_types=initial, target_opset={"": opset, "ai.onnx.ml": ML_OPSET})
+
+
+def network_onnx(net, n_features: int, opset: int, path: Path):
+    """The MLP plus softmax as ONNX: ``features`` (N, F) float32 -> ``probabilities``, dynamic batch."""
+    import onnx
+    import torch
+    from torch import nn
+
+    class Probabilities(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.net = inner.eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.net(x).float(), dim=1)  # (N, F) features -> (N, num_classes)
+
+    sample = torch.zeros(2, n_features)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Probabilities(net).eval(), (sample,), str(path), input_names=[FEATURES], output_names=[OUTPUT_NAME],
+            dynamic_axes={FEATURES: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+        )
+    return onnx.load(str(path))
+
+
+def merge(pre, net_model, opset: int):
+    """One graph: raw columns -> preprocessor -> MLP -> probabilities."""
+    import onnx
+    from onnx import compose
+
+    (pre_out,) = [o.name for o in pre.graph.output]
+    net_model = compose.add_prefix(net_model, "mlp/", rename_inputs=False, rename_outputs=False)
+    # merge_models needs one IR version and matching opsets per domain.
+    ir = max(pre.ir_version, net_model.ir_version)
+    for model in (pre, net_model):
+        model.ir_version = ir
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = opset
+    merged = compose.merge_models(pre, net_model, io_map=[(pre_out, FEATURES)], outputs=[OUTPUT_NAME], name="pixelmill_tabular")
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def check_rows(cfg, run_dir: Path, prep, limit: int = 256):
+    """Up to ``limit`` typed rows of the run's test split (else val), spread over the split."""
+    from pixelmill.training.fit import _scan
+
+    try:
+        data = _scan(cfg, run_dir)
+    except (DataError, ConfigError, OSError) as exc:
+        raise BundleError(f"cannot read the data of '{run_dir}' to check the export against ({exc}); restore its data.path") from None
+    split = next((s for s in ("test", "val") if len(data.frames.get(s, ())) > 0), None)
+    if split is None:
+        raise BundleError(f"no test or val rows in the data of '{run_dir}' to check the export against")
+    frame = data.frames[split]
+    step = max(1, len(frame) // limit)
+    return frame.iloc[::step].iloc[:limit].reset_index(drop=True)
+
+
+def _reference(net, prep, frame) -> np.ndarray:
+    """scikit-learn transform + eager PyTorch: what evaluation computed."""
+    import torch
+
+    with torch.inference_mode():
+        return torch.softmax(net.eval()(torch.from_numpy(prep.transform(frame))).float(), dim=1).numpy()
+
+
+def _load(run_dir: Path, checkpoint: str):
+    from pixelmill.config import load_saved
+    from pixelmill.data.tabular_preprocess import TabularPreprocessor, read_schema_file
+    from pixelmill.training.checkpoint import load_net
+    from pixelmill.training.fit import _build_net
+
+    cfg = load_saved(run_dir / runs.CONFIG)
+    prep = TabularPreprocessor.load(run_dir)  # checks preprocessor.joblib against schema.json
+    net = _build_net(cfg, len(prep.schema.classes), fresh=True, in_features=prep.n_features)
+    ckpt = runs.checkpoint_path(run_dir, checkpoint)
+    load_net(net, ckpt)
+    return cfg, prep, net.eval(), read_schema_file(run_dir)
+
+
+def _meta(run_dir: Path, summary: dict, cfg, schema_doc: dict, view: TabularSchemaView, name: str | None, checkpoint: str) -> dict[str, Any]:
+    run_name = summary.get("run_name", run_dir.name)
+    return {
+        "kind": "tabular",
+        "name": name or f"{summary.get('experiment', cfg.experiment)}-{run_name}",
+        "model_name": cfg.model.name,
+        "model_file": "model.onnx",
+        "classes": list(schema_doc["classes"]),
+        "inputs": view.inputs(),
+        "output": {"name": OUTPUT_NAME, "shape": [-1, len(schema_doc["classes"])]},
+        "schema": schema_doc,
+        "preprocessing": summary.get("preprocessing", {"kind": "tabular"}),
+        "metrics": {"eval": summary.get("eval", {}), "best": summary.get("best")},
+        "data_fingerprint": summary.get("data", {}).get("fingerprint"),
+        "run": {"run_dir": str(run_dir.resolve()), "run_name": run_name, "checkpoint": checkpoint},
+        "versions": runs.versions("torch", "onnx", "onnxruntime", "sklearn", "skl2onnx"),
+        "created_at": runs.now_iso(),
+    }
+
+
+def export_tabular_run(
+    run_dir: Path, checkpoint: str = "best", out: str | Path | None = None, max_rows: int = 256,
+    opset: int = 17, name: str | None = None,
+) -> Bundle:
+    """Export a tabular run to a checked ONNX bundle (see the module docstring); BundleError when it disagrees."""
+    import onnx
+    import onnxruntime as ort
+
+    from pixelmill.export import _move_into_place, agreement, default_out, verdict
+
+    summary = runs.read_summary(run_dir)
+    cfg, prep, net, schema_doc = _load(run_dir, checkpoint)
+    view = TabularSchemaView(schema_doc)
+    frame = check_rows(cfg, run_dir, prep, max_rows)
+    reference = _reference(net, prep, frame)
+
+    out = Path(out) if out else default_out(run_dir, "onnx", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    work.mkdir()
+    try:
+        net_model = network_onnx(net, prep.n_features, opset, work / "net.onnx")
+        (work / "net.onnx").unlink()
+        onnx.save(merge(preprocessor_onnx(prep, opset), net_model, opset), str(work / "model.onnx"))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(work / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        (exported,) = session.run([OUTPUT_NAME], feeds(rows_from_frame(frame, view), view))
+        figures = agreement(reference, exported)
+        reason = verdict(figures, None, 1.0)
+        if reason:
+            raise BundleError(f"refusing to write a bundle for '{run_dir}': {reason.replace('images', 'rows')}")
+        meta = _meta(run_dir, summary, cfg, schema_doc, view, name, checkpoint)
+        meta["export"] = {"format": "onnx", "opset": opset, "quantize": None, "reference": "scikit-learn + PyTorch", **figures}
+        write_bundle(work, meta, ["model.onnx"])
+        _move_into_place(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("exported %s: top-1 agreement %.2f%%, max |diff| %.2e on %d rows",
+             out, 100 * figures["top1_agreement"], figures["max_abs_diff"], figures["checked_images"])
+    return read_bundle(out)
