@@ -26,14 +26,14 @@ from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # 
 from _photos import photo_dir  # noqa: E402
 
 
-def trained_bundle(model: str, data: Path, out: Path, extra: list[str]) -> Path:
-    """A briefly trained run of ``model`` at 224 px, exported to its bundle."""
+def trained_bundle(model: str, data: Path, out: Path, size: int, extra: list[str]) -> Path:
+    """A briefly trained run of ``model`` at ``size`` px, exported to its bundle."""
     from pixelmill.config import load_config
     from pixelmill.export import export_run
     from pixelmill.training.fit import train
 
     cfg = load_config([
-        f"data.path={data}", f"model.name={model}", "data.image_size=224", "data.batch_size=8",
+        f"data.path={data}", f"model.name={model}", f"data.image_size={size}", "data.batch_size=8",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.progress_bar=false", "logger=[csv]", "eval.splits=[]", f"output_dir={out}", f"run_name={model}", *extra,
     ])
@@ -53,15 +53,14 @@ def per_call_seconds(fn, batch: np.ndarray, seconds: float, min_calls: int = 3) 
     return times
 
 
-def bundle_vs_eager(report: Report, name: str, bundle: Path, images: np.ndarray, seconds: float) -> None:
-    import torch
-
+def bundle_vs_eager(report: Report, name: str, bundle: Path, files: list[str], seconds: float) -> None:
     from pixelmill.export.bundle import read_bundle
     from pixelmill.export.onnx import UInt8Classifier
-    from pixelmill.inference import OnnxClassifier
+    from pixelmill.inference import OnnxClassifier, prepare_image
     from pixelmill.predict import TorchClassifier
 
     b = read_bundle(bundle)
+    images = np.stack([prepare_image(f, b.preprocessing) for f in files[:32]])  # (32, H, W, C) uint8
     ort = OnnxClassifier(b)
     eager = TorchClassifier(b.meta["run"]["run_dir"])
     assert isinstance(eager._model, UInt8Classifier)
@@ -79,8 +78,6 @@ def bundle_vs_eager(report: Report, name: str, bundle: Path, images: np.ndarray,
             report.ratio(f"inference {name} batch 1 (bundle speed / eager speed)", t_eager / t_ort, 1.5)
         else:
             report.ratio(f"inference {name} batch 32 (bundle speed / eager speed, info)", t_eager / t_ort, 1.0)
-    del eager
-    torch.set_num_threads(torch.get_num_threads())
 
 
 def predict_vs_raw(report: Report, name: str, bundle: Path, files: list[str], rounds: int) -> None:
@@ -134,20 +131,15 @@ def main() -> None:
     quiet()
     report = Report("inference", args.quick)
     models = ["small_cnn"] if args.quick else ["small_cnn", "resnet18"]
-    n_files, seconds, rounds = (32, 1.0, 1) if args.quick else (320, 8.0, 3)
+    size, n_files, seconds, rounds = (64, 32, 0.6, 1) if args.quick else (224, 320, 8.0, 3)
     train_data = photo_dir(64)
     folder = photo_dir(n_files)
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     with tempfile.TemporaryDirectory(prefix="pixelmill-bench-infer-") as tmp:
         work = Path(tmp)
-        from pixelmill.data.preprocess import Preprocessing
-        from pixelmill.inference import prepare_image
-
-        prep = Preprocessing(3, 224, 1.0, "bilinear", (0.5,) * 3, (0.5,) * 3)
-        images = np.stack([prepare_image(f, prep) for f in files[:32]])
-        bundles = {m: trained_bundle(m, train_data, work / "runs", args.overrides) for m in models}
+        bundles = {m: trained_bundle(m, train_data, work / "runs", size, args.overrides) for m in models}
         for m in models:
-            bundle_vs_eager(report, m, bundles[m], images, seconds)
+            bundle_vs_eager(report, m, bundles[m], files, seconds)
         if not args.quick:
             cli_predict(report, bundles["resnet18"], folder, len(files), work)
         for m in models:

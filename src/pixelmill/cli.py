@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pixelmill.errors import PixelmillError
+from pixelmill.errors import ConfigError, PixelmillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate, export and serve image and tabular classifiers.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets and data checks.")
@@ -264,9 +264,10 @@ def export(
     rows = [
         ("bundle", str(bundle.path)),
         ("model", f"{bundle.meta['model_file']} ({check['format']}{', int8' if check.get('quantize') else ''})"),
-        ("input", f"{bundle.input_name} uint8 {bundle.meta['input']['shape']} NHWC"),
+        ("input", f"{len(bundle.meta['inputs'])} named columns (float32 / string, [N, 1] each)" if bundle.kind == "tabular"
+         else f"{bundle.input_name} uint8 {bundle.meta['input']['shape']} NHWC"),
         ("classes", ", ".join(bundle.classes)),
-        ("checked images", str(check["checked_images"])),
+        ("checked rows" if bundle.kind == "tabular" else "checked images", str(check["checked_images"])),
         ("top-1 agreement", f"{check['top1_agreement']:.2%}"),
         ("max |p - p_torch|", f"{check['max_abs_diff']:.2e}"),
     ]
@@ -287,10 +288,30 @@ def _predict_table(rows, top_k: int) -> Table:
     return table
 
 
+def _predict_csv(predictor, inputs: List[str], top_k: int, out: Optional[Path]) -> None:
+    """``pixelmill predict`` for a model trained on a CSV: one CSV of rows in, one prediction per row out."""
+    from pixelmill.predict import write_table_predictions
+
+    if len(inputs) != 1:
+        raise ConfigError(f"a tabular model predicts one CSV file at a time; got {len(inputs)} inputs")
+    rows = predictor.predict_csv(inputs[0], top_k)
+    if out is not None:
+        write_table_predictions(rows, out, predictor.classes)
+        console.print(f"wrote {len(rows)} prediction(s) to {out}")
+        return
+    table = Table(title=f"{len(rows)} prediction(s)")
+    for column in ("row", "source", "label", "confidence", f"top-{top_k}"):
+        table.add_column(column)
+    for r in rows:
+        p = r.prediction
+        table.add_row(str(r.row), r.source, p.label, f"{p.confidence:.4f}", ", ".join(f"{k} {v:.3f}" for k, v in p.top_k))
+    console.print(table)
+
+
 @app.command()
 def predict(
     model: str = typer.Argument(..., help="A run directory, a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION."),
-    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs; for a tabular model one CSV file."),
     top_k: int = typer.Option(3, "--top-k", help="Classes to show per image."),
     out: Optional[Path] = typer.Option(None, help="Write predictions to a .csv or .json file instead of a table."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
@@ -305,6 +326,9 @@ def predict(
     _setup_logging()
     _quiet_exporters()
     predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint)
+    if predictor.kind == "tabular":
+        _predict_csv(predictor, inputs, top_k, out)
+        return
     files = expand_inputs(inputs)
     if len(files) > 4:
         columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -19,6 +19,7 @@ import numpy as np
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import ConfigError, ModelError, PixelmillError
 from pixelmill.inference import OnnxClassifier, Prediction, prepare_image, to_predictions
+from pixelmill.tabular_inference import OnnxTabularClassifier, TabularSchemaView, rows_from_frame, rows_from_records
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 _GLOB_CHARS = set("*?[")
@@ -75,6 +76,36 @@ class TorchClassifier:
         return to_predictions(self.run(np.stack([self.prepare(i) for i in images])), self.classes, top_k) if images else []
 
 
+class TorchTabularClassifier:
+    """A tabular run's checkpoint: the fitted ColumnTransformer + eager MLP, behind ``OnnxTabularClassifier``'s interface."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
+        import torch
+
+        from pixelmill.export.tabular import _load
+
+        _, self._prep, self._net, schema_doc = _load(Path(run_dir), checkpoint)
+        self.schema = TabularSchemaView(schema_doc)
+        self.classes = list(self.schema.classes)
+        self.preprocessing = {"kind": "tabular"}
+        self._torch = torch
+
+    def run(self, rows: np.ndarray) -> np.ndarray:
+        """(N,) structured rows -> (N, num_classes) float32, through scikit-learn then PyTorch."""
+        import pandas as pd
+
+        frame = pd.DataFrame({
+            name: rows[name].astype(object) if kind == "categorical" else rows[name].astype(np.float64)
+            for name, kind in self.schema.columns.items()
+        })
+        with self._torch.inference_mode():
+            logits = self._net(self._torch.from_numpy(self._prep.transform(frame)))
+            return self._torch.softmax(logits.float(), dim=1).numpy()
+
+    def predict_records(self, records: Sequence[Any], top_k: int = 5) -> list[Prediction]:
+        return to_predictions(self.run(rows_from_records(records, self.schema)), self.classes, top_k) if records else []
+
+
 def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
     """Files, folders (searched recursively for images) and globs -> a list of file paths.
 
@@ -105,12 +136,16 @@ def _load_classifier(model: str | Path, tracking_uri: str | None, checkpoint: st
     path = Path(model).expanduser()
     if is_bundle_dir(path):
         bundle = read_bundle(path)
+        if bundle.kind == "tabular":
+            return OnnxTabularClassifier(bundle, intra_op_threads=threads)
         if bundle.model_format == "torchscript":
             from pixelmill.export.torchscript import TorchScriptClassifier
 
             return TorchScriptClassifier(bundle)
         return OnnxClassifier(bundle, intra_op_threads=threads)
     if (path / runs.CONFIG).is_file():
+        if runs.read_summary(path).get("preprocessing", {}).get("kind") == "tabular":
+            return TorchTabularClassifier(path, checkpoint)
         return TorchClassifier(path, checkpoint)
     raise ModelError(f"'{model}' is not a run directory, a bundle directory or a models:/NAME@ALIAS URI")
 
@@ -139,6 +174,36 @@ class Predictor:
     @property
     def preprocessing(self) -> Preprocessing:
         return self.classifier.preprocessing
+
+    @property
+    def kind(self) -> str:
+        """``"tabular"`` for a model trained on a CSV, else ``"image"``."""
+        return "tabular" if hasattr(self.classifier, "schema") else "image"
+
+    def predict_records(self, records: Sequence[dict[str, Any]], top_k: int = 5) -> list[Prediction]:
+        """Tabular models: JSON-like records (column -> value) -> one Prediction each; DataError names a bad column."""
+        self._need("tabular", "predict_records")
+        return self.classifier.predict_records(list(records), top_k)
+
+    def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[TableRow]:
+        """Tabular models: every row of a CSV (read as strictly as training read it; the target column is optional)."""
+        from pixelmill.data.tabular import TabularSchema, read_csv, typed_features
+
+        self._need("tabular", "predict_csv")
+        view = self.classifier.schema
+        table = read_csv(path)
+        schema = TabularSchema(view.target, view.classes, view.columns, list(view.doc.get("ignored", [])))
+        rows = rows_from_frame(typed_features(table, schema), view)
+        sources = [f"{table.path.name}:{line}" for line in table.lines]
+        out: list[TableRow] = []
+        for start in range(0, len(rows), max(1, batch_size)):
+            probs = self.classifier.run(rows[start : start + max(1, batch_size)])
+            out += [TableRow(start + i + 1, sources[start + i], p) for i, p in enumerate(to_predictions(probs, self.classes, top_k))]
+        return out
+
+    def _need(self, kind: str, what: str) -> None:
+        if self.kind != kind:
+            raise ModelError(f"{what} needs a {kind} model; '{self.source}' is a {self.kind} model")
 
     def predict(self, images: Sequence[Any], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Paths, PIL images or NumPy arrays -> one Prediction each; an unreadable image raises DataError."""
@@ -181,6 +246,30 @@ class Predictor:
         return rows
 
 
+@dataclass
+class TableRow:
+    """One CSV row's prediction: its 1-based row number and 'file.csv:LINE' (the id evaluation uses)."""
+
+    row: int
+    source: str
+    prediction: Prediction
+
+
+def write_table_predictions(rows: list[TableRow], out: str | Path, classes: Sequence[str]) -> Path:
+    """CSV rows' predictions as CSV: row, source, label, confidence and one probability column per class."""
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"cannot write tabular predictions to '{out}'; use a .csv file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "source", "label", "confidence", *(f"p_{c}" for c in classes)])
+        for r in rows:
+            p = r.prediction
+            writer.writerow([r.row, r.source, p.label, f"{p.confidence:.6f}", *(f"{p.probabilities[c]:.6f}" for c in classes)])
+    return out
+
+
 def write_predictions(rows: list[PredictionRow], out: str | Path, classes: Sequence[str]) -> Path:
     """Write rows as CSV (one probability column per class) or JSON, chosen by the file suffix."""
     out = Path(out)
@@ -206,4 +295,7 @@ def _write_json(rows: list[PredictionRow], out: Path, classes: Sequence[str]) ->
     out.write_text(json.dumps({"classes": list(classes), "predictions": [r.to_dict() for r in rows]}, indent=2) + "\n")
 
 
-__all__ = ["Predictor", "PredictionRow", "TorchClassifier", "expand_inputs", "write_predictions"]
+__all__ = [
+    "Predictor", "PredictionRow", "TableRow", "TorchClassifier", "TorchTabularClassifier", "expand_inputs",
+    "write_predictions", "write_table_predictions",
+]

@@ -56,7 +56,10 @@ def _is_missing(value: Any, schema: TabularSchemaView) -> bool:
 def _numeric(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("must be a number")
-    number = float(value.strip() if isinstance(value, str) else value)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError("must be a number") from None
     if not math.isfinite(number):
         raise ValueError("must be a finite number")
     return number

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pixelmill.export.bundle import write_bundle
 from pixelmill.serving.settings import available_cpus
 
 
@@ -103,12 +104,12 @@ def test_bad_model_or_settings_fail_in_one_line_before_binding(bundle_dir: Path,
     result = _serve_cli(str(tampered), "--port", "1")
     assert result.returncode == 2 and "tampered" in result.stderr and "Traceback" not in result.stderr
 
-    tabular = tmp_path / "tabular"
-    shutil.copytree(bundle_dir, tabular)
-    meta = json.loads((tabular / "bundle.json").read_text())
-    (tabular / "bundle.json").write_text(json.dumps({**meta, "kind": "tabular"}))
-    result = _serve_cli(str(tabular), "--port", "1")
-    assert result.returncode == 2 and "serves image bundles" in result.stderr
+    other = tmp_path / "other-kind"  # a consistent bundle of a kind this server cannot run (image and tabular it can)
+    shutil.copytree(bundle_dir, other)
+    meta = json.loads((other / "bundle.json").read_text())
+    write_bundle(other, {k: v for k, v in meta.items() if k not in ("files", "meta_sha256")} | {"kind": "audio"}, ["model.onnx"])
+    result = _serve_cli(str(other), "--port", "1")
+    assert result.returncode == 2 and "serves image and tabular bundles" in result.stderr
 
     bad = _serve_cli(str(bundle_dir), env={"PIXELMILL_MAX_BATCH_SIZE": "0"})
     assert bad.returncode == 2 and "PIXELMILL_MAX_BATCH_SIZE" in bad.stderr

@@ -44,11 +44,11 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
 
     def dataset(self, split: str, train: bool = False) -> ImageDataset:
-        """A split's dataset; with ``data.cache`` its images are decoded once (training: in draft mode)."""
+        """A split's dataset; with ``data.cache`` its images are decoded and resized once."""
         transform = train_transform(self.prep, self.cfg.augment) if train else eval_transform(self.prep)
         items = self.scan.splits[split]
         mode = getattr(self.cfg, "cache", "none")  # a hand-built data config may not have the key
-        cache = make_cache(mode, [path for path, _ in items], self.prep, draft=train)
+        cache = make_cache(mode, [path for path, _ in items], self.prep, train=train)
         return ImageDataset(items, self.prep.channels, transform, cache)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, sampler=None) -> DataLoader:

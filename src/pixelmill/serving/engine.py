@@ -22,6 +22,7 @@ import numpy as np
 from pixelmill.errors import BundleError
 from pixelmill.export.bundle import Bundle, read_bundle
 from pixelmill.inference import OnnxClassifier
+from pixelmill.tabular_inference import OnnxTabularClassifier
 from pixelmill.serving.settings import ServeSettings
 from pixelmill.serving.telemetry import ServingMetrics
 
@@ -196,11 +197,15 @@ def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
     return Path(resolve_model(model, tracking_uri=tracking_uri))
 
 
+# bundle kind -> the ONNX Runtime classifier that runs it (both torch-free).
+CLASSIFIERS = {"image": OnnxClassifier, "tabular": OnnxTabularClassifier}
+
+
 def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
     """Resolve, read and verify a bundle; refuse one this server cannot run (BundleError)."""
     bundle = read_bundle(resolve_bundle_path(model, tracking_uri), verify=True)
-    if bundle.kind != "image":
-        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves image bundles")
+    if bundle.kind not in CLASSIFIERS:
+        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves {' and '.join(CLASSIFIERS)} bundles")
     if bundle.model_format != "onnx":
         raise BundleError(f"bundle {bundle.path} holds a {bundle.model_format} model; serve an ONNX export (`pixelmill export RUN_DIR`)")
     return bundle
@@ -209,19 +214,22 @@ def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
 class Engine:
     """A verified bundle, its ONNX Runtime session and the batcher in front of it."""
 
-    def __init__(self, bundle: Bundle, classifier: OnnxClassifier, batcher: DynamicBatcher, version: str = "1") -> None:
+    def __init__(self, bundle: Bundle, classifier: OnnxClassifier | OnnxTabularClassifier, batcher: DynamicBatcher, version: str = "1") -> None:
         self.bundle = bundle
         self.classifier = classifier
         self.batcher = batcher
         self.version = version
-        size, channels = bundle.preprocessing.size, bundle.preprocessing.channels
-        self.input_shape = (size, size, channels)  # (H, W, C) of one image
+        if bundle.kind == "tabular":
+            self.input_shape: tuple[int, ...] = (len(classifier.schema.columns),)  # columns of one row
+        else:
+            size, channels = bundle.preprocessing.size, bundle.preprocessing.channels
+            self.input_shape = (size, size, channels)  # (H, W, C) of one image
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
         """Read and verify the bundle, open the ORT session. Raises BundleError on a bad bundle."""
         bundle = load_bundle(settings.model, settings.tracking_uri)
-        classifier = OnnxClassifier(bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
+        classifier = CLASSIFIERS[bundle.kind](bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
         batcher = DynamicBatcher(classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics)
         return cls(bundle, classifier, batcher, settings.model_version)
 
@@ -235,7 +243,11 @@ class Engine:
 
     async def start(self) -> None:
         """Warm the session up (first-call allocations) and start batching."""
-        await self.batcher.run_now(np.zeros((1, *self.input_shape), np.uint8))
+        if self.bundle.kind == "tabular":
+            warmup = self.classifier.example_rows(1)  # (1,) structured row, every column missing
+        else:
+            warmup = np.zeros((1, *self.input_shape), np.uint8)
+        await self.batcher.run_now(warmup)
         await self.batcher.start()
         log.info("serving %s (%d classes, input %s) from %s", self.bundle.name, len(self.classes), self.input_shape, self.bundle.path)
 
@@ -243,5 +255,5 @@ class Engine:
         await self.batcher.stop()
 
     async def infer(self, images: np.ndarray) -> np.ndarray:
-        """(n, H, W, C) uint8 -> (n, num_classes) float32 probabilities."""
+        """(n, H, W, C) uint8 images, or (n,) structured table rows -> (n, num_classes) float32 probabilities."""
         return await self.batcher.submit(images)

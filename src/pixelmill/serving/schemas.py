@@ -28,6 +28,22 @@ class ImagePrediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class RecordPrediction(BaseModel):
+    """One record's result (tabular models): its index in ``records`` and the prediction."""
+
+    record: int
+    label: str
+    confidence: float
+    top_k: list[TopK]
+    probabilities: dict[str, float]
+
+
+class RecordsPredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[RecordPrediction]
+
+
 class PredictResponse(BaseModel):
     model: str
     version: str
@@ -66,6 +82,11 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     versions: dict[str, Any]
     sha256: Optional[str] = None
+    kind: str = "image"
+    inputs: Optional[list[dict[str, Any]]] = Field(None, description="Tabular models: one named input per column.")
+    table_schema: Optional[dict[str, Any]] = Field(
+        None, serialization_alias="schema", description="Tabular models: the run's schema.json (columns, types, categories, classes)."
+    )
 
 
 class ServerMetadata(BaseModel):

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,7 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pixelmill.inference import to_predictions
 from pixelmill.serving.images import decode_base64, decode_images
 from pixelmill.serving.routes import ERRORS, engine_of, settings_of
-from pixelmill.serving.schemas import ImagePrediction, InstancesRequest, ModelInfo, PredictResponse
+from pixelmill.serving.schemas import (
+    ImagePrediction, InstancesRequest, ModelInfo, PredictResponse, RecordPrediction, RecordsPredictResponse,
+)
+from pixelmill.serving.tabular import checked_rows, records_of
 
 router = APIRouter(tags=["native"])
 
@@ -115,6 +119,8 @@ async def predict(
     """
     engine, settings = engine_of(request), settings_of(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if engine.bundle.kind == "tabular":
+        return await _predict_records(request, media_type, top_k)
     if media_type == "multipart/form-data":
         files = await _multipart_files(request, settings.max_files)
     elif media_type == "application/json" or media_type.endswith("+json"):
@@ -134,6 +140,24 @@ async def predict(
     )
 
 
+async def _predict_records(request: Request, media_type: str, top_k: Optional[int]) -> JSONResponse:
+    """Tabular models: JSON ``{"records": [{column: value, ...}, ...]}``; 422 names a bad record's column."""
+    engine, settings = engine_of(request), settings_of(request)
+    if not (media_type == "application/json" or media_type.endswith("+json")):
+        raise HTTPException(415, 'this model takes table rows: send JSON {"records": [{"column": value, ...}, ...]}')
+    records = records_of(await request.body(), settings.max_infer_batch)
+    rows = checked_rows(records, engine.classifier.schema)  # (N,) structured rows
+    request.state.images = len(rows)
+    probs = await engine.infer(rows)  # (N, num_classes)
+    predictions = to_predictions(probs, engine.classes, top_k or settings.top_k)
+    body = RecordsPredictResponse(
+        model=engine.bundle.name,
+        version=engine.version,
+        predictions=[RecordPrediction(record=i, **p.to_dict()) for i, p in enumerate(predictions)],
+    )
+    return JSONResponse(body.model_dump())
+
+
 @router.get("/model", response_model=ModelInfo, responses=ERRORS)
 async def model_info(request: Request) -> ModelInfo:
     """The served model: name, version, classes, input size, preprocessing and evaluation metrics."""
@@ -151,4 +175,7 @@ async def model_info(request: Request) -> ModelInfo:
         metrics=_finite(meta.get("metrics") or {}),
         versions=meta.get("versions") or {},
         sha256=meta.get("files", {}).get(meta.get("model_file", "")),
+        kind=engine.bundle.kind,
+        inputs=meta.get("inputs"),
+        table_schema=meta.get("schema"),
     )
