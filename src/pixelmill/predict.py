@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -230,20 +232,37 @@ class Predictor:
         files = expand_inputs(inputs)
         rows = [PredictionRow(source=f) for f in files]
         size = max(1, batch_size)
-        for start in range(0, len(rows), size):
-            ready: list[tuple[PredictionRow, np.ndarray]] = []
-            for row in rows[start : start + size]:
-                try:
-                    ready.append((row, self.classifier.prepare(row.source)))
-                except PixelmillError as exc:
-                    row.error = str(exc)
-            if ready:
-                probs = self.classifier.run(np.stack([arr for _, arr in ready]))
-                for (row, _), pred in zip(ready, to_predictions(probs, self.classes, top_k)):
-                    row.prediction = pred
-            if on_progress:
-                on_progress(min(start + size, len(rows)), len(rows))
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        # Decoding runs in threads (Pillow releases the GIL), one batch ahead of inference, so
+        # JPEG decoding overlaps the model instead of adding to it.
+        with ThreadPoolExecutor(max_workers=_decode_threads(), thread_name_prefix="pixelmill-decode") as pool:
+            pending = [pool.submit(self._prepare_row, row) for row in chunks[0]] if chunks else []
+            for k, chunk in enumerate(chunks):
+                prepared = [f.result() for f in pending]
+                pending = [pool.submit(self._prepare_row, row) for row in chunks[k + 1]] if k + 1 < len(chunks) else []
+                ready = [(row, arr) for row, arr in zip(chunk, prepared) if arr is not None]
+                if ready:
+                    probs = self.classifier.run(np.stack([arr for _, arr in ready]))
+                    for (row, _), pred in zip(ready, to_predictions(probs, self.classes, top_k)):
+                        row.prediction = pred
+                if on_progress:
+                    on_progress(min((k + 1) * size, len(rows)), len(rows))
         return rows
+
+    def _prepare_row(self, row: PredictionRow) -> np.ndarray | None:
+        """The row's model input, or None with ``row.error`` set."""
+        try:
+            return self.classifier.prepare(row.source)
+        except PixelmillError as exc:
+            row.error = str(exc)
+            return None
+
+
+def _decode_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
