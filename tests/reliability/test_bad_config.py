@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pixelmill import cli
@@ -89,8 +90,10 @@ KEYS = ["data.batch_size", "optim.lr", "trainer.max_epochs", "data.augment.rotat
 
 
 @pytest.mark.reliability("config: random key=value overrides never raise a traceback")
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized in CI (the same 200 cases each run, so a landing never hinges on luck); random locally.
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=os.environ.get("CI") == "true")
 @given(st.lists(st.tuples(st.sampled_from(KEYS) | st.text(min_size=0, max_size=12), st.text(max_size=20)), max_size=4))
+@example([("a[", "1")]).via("found by this test: OmegaConf crashed on bracket keys")
 def test_random_overrides_give_a_config_or_a_clear_error(pairs):
     overrides = [f"{k}={v}" for k, v in pairs]
     try:

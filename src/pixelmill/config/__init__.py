@@ -7,6 +7,7 @@ Every step is validated against the typed schema in ``schema.py``; a mistake bec
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -86,7 +87,12 @@ def _key_error(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid keys {where}: {', '.join(valid)})")
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    if not _KEY.match(key):
+        raise ConfigError(f"bad config key {key!r}: keys are dotted names such as trainer.max_epochs")
     try:
         OmegaConf.update(cfg, key, value, merge=True)
     except (ConfigKeyError, ConfigAttributeError):
@@ -94,8 +100,9 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
     except ValidationError as exc:
         expected = getattr(exc, "msg", str(exc)).split("\n")[0]
         raise ConfigError(f"bad value {value!r} for '{key}': {expected}") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot set '{key}' to {value!r}: {str(exc).splitlines()[0]}") from None
+    except (OmegaConfBaseException, ValueError, TypeError, IndexError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot set '{key}' to {value!r}: {first}") from None
 
 
 def _merge_mapping(cfg: DictConfig, data: dict, prefix: str = "") -> None:
