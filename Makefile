@@ -30,6 +30,10 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every claim in benchmarks/ measured on this machine (~20 min); rewrites benchmarks/RESULTS.md.
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
 # Only the fault and bad-input cases; the table (case, tried, passed) prints at the end. The server soak runs 60 s here.
 reliability: install browser
 	PIXELMILL_SOAK_SECONDS=60 $(BIN)/python -m pytest -m reliability -p no:cacheprovider

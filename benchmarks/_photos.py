@@ -7,7 +7,9 @@ class decides the shape drawn, so the folder is a learnable 4-class problem.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +67,25 @@ def make_photos(root: str | Path, n: int, size: tuple[int, int] = (500, 375), se
     return root
 
 
-def photo_dir(n: int, size: tuple[int, int] = (500, 375)) -> Path:
-    """A reusable folder of ``n`` photos under the temp dir (made on first use)."""
+def bench_dir() -> Path:
+    """Where benchmark inputs are kept between runs ($PIXELMILL_BENCH_DATA, else the temp dir)."""
     import tempfile
 
     base = Path(os.environ.get("PIXELMILL_BENCH_DATA", tempfile.gettempdir())) / "pixelmill-bench"
-    return make_photos(base / f"photos-{n}-{size[0]}x{size[1]}-v{_VERSION}", n, size)
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path``.lock: concurrent benchmark runs build shared inputs once."""
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def photo_dir(n: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """A reusable folder of ``n`` photos under ``bench_dir()`` (made on first use)."""
+    root = bench_dir() / f"photos-{n}-{size[0]}x{size[1]}-v{_VERSION}"
+    with locked(root):
+        return make_photos(root, n, size)

@@ -23,22 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # noqa: E402
+from _fixtures import cached_bundle, train_and_export  # noqa: E402
 from _photos import photo_dir  # noqa: E402
-
-
-def trained_bundle(model: str, data: Path, out: Path, size: int, extra: list[str]) -> Path:
-    """A briefly trained run of ``model`` at ``size`` px, exported to its bundle."""
-    from pixelmill.config import load_config
-    from pixelmill.export import export_run
-    from pixelmill.training.fit import train
-
-    cfg = load_config([
-        f"data.path={data}", f"model.name={model}", f"data.image_size={size}", "data.batch_size=8",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.progress_bar=false", "logger=[csv]", "eval.splits=[]", f"output_dir={out}", f"run_name={model}", *extra,
-    ])
-    result = train(cfg)
-    return export_run(result.run_dir, max_images=8).path
 
 
 def per_call_seconds(fn, batch: np.ndarray, seconds: float, min_calls: int = 3) -> list[float]:
@@ -132,12 +118,14 @@ def main() -> None:
     report = Report("inference", args.quick)
     models = ["small_cnn"] if args.quick else ["small_cnn", "resnet18"]
     size, n_files, seconds, rounds = (64, 32, 0.6, 1) if args.quick else (224, 320, 8.0, 3)
-    train_data = photo_dir(64)
     folder = photo_dir(n_files)
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     with tempfile.TemporaryDirectory(prefix="pixelmill-bench-infer-") as tmp:
         work = Path(tmp)
-        bundles = {m: trained_bundle(m, train_data, work / "runs", size, args.overrides) for m in models}
+        if args.quick:
+            bundles = {m: cached_bundle(m, size) for m in models}
+        else:
+            bundles = {m: train_and_export(m, size, work, args.overrides) for m in models}
         for m in models:
             bundle_vs_eager(report, m, bundles[m], files, seconds)
         if not args.quick:

@@ -67,7 +67,7 @@ class ImageDataset(Dataset):
                 img = torch.from_numpy(self.cache.load(index, path)).permute(2, 0, 1)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image '{path}' ({exc}); it changed after the scan - re-run training") from None
-        if seed is None:
+        if seed is None or not getattr(self.transform, "random", True):
             return self.transform(img), label
         with seeded_cpu_rng(seed):
             return self.transform(img), label

@@ -68,6 +68,8 @@ def center_crop(img: Pixels, prep: Preprocessing) -> Pixels:
 class EvalTransform:
     """Deterministic evaluation pipeline: resize, centre crop (``resize_and_crop``), normalise."""
 
+    random = False  # draws nothing from the RNG: the dataset need not seed it per sample
+
     def __init__(self, prep: Preprocessing):
         self.prep = prep
         self.to_float = ToNormalizedFloat(prep.mean, prep.std)
@@ -88,6 +90,7 @@ class TrainTransform:
         self.crop_first = crop_first
         self.augment = v2.Compose(steps) if steps else None
         self.to_float = ToNormalizedFloat(prep.mean, prep.std)
+        self.random = bool(steps)
 
     def __call__(self, img: Pixels) -> torch.Tensor:
         if self.crop_first:
