@@ -89,7 +89,9 @@ class ClassificationModule(L.LightningModule):
             x, target = self.mix(x, y)  # target: (B, num_classes) soft labels
         logits = self(x)
         loss = self.loss(logits, target)
-        self.train_acc(logits.detach(), y if target.ndim == 1 else target.argmax(dim=1))
+        # update(), not forward(): the epoch value is the same, without computing a per-batch
+        # accuracy nobody logs (4% of a small CNN's training step on CPU).
+        self.train_acc.update(logits.detach(), y if target.ndim == 1 else target.argmax(dim=1))
         # logger=False: epoch rows reach the trackers through RunHistory, once checkpointed.
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y), logger=False)
