@@ -120,8 +120,8 @@ def main() -> None:
     report.figure("`pixelmill serve`: RSS when ready", median([s[1] for s in serve]) / 2**20, "MiB")
     report.figure("`pixelmill serve`: RSS after 20 predictions", median([s[2] for s in serve]) / 2**20, "MiB")
     serve_rss = median([s[2] for s in serve])
+    report.ratio("startup `pixelmill --help` wall time / 0.5 s budget", median(help_s) / 0.5, 1.0, higher_is_better=False)
     report.ratio("startup serve RSS / import-torch RSS", serve_rss / median(torch_rss), 0.5, higher_is_better=False)
-    report.ratio("startup `pixelmill --help` seconds (absolute, target < 0.5 s)", median(help_s), 0.5, higher_is_better=False)
     report.finish(args.json)
 
 
