@@ -150,6 +150,49 @@ def test_scheduler_changes_lr(fast):
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.05)
 
 
+def test_epoch_row_is_the_mean_over_the_epochs_steps(fast):
+    """metrics.csv's train/loss is the batch-size weighted mean of the epoch's step losses, lr the
+    mean of the learning rates its steps used, train/acc the epoch's accuracy."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.epochs: list[list[tuple[float, int, float]]] = []
+            self.accs: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.epochs.append([])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.epochs[-1].append((float(outputs["loss"]), len(batch[1]), self.lr))
+            self.acc = float(pl_module.train_acc.compute())  # over every step so far this epoch
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.accs.append(self.acc)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    steps = Steps()
+    # Cosine with warm-up: the learning rate moves every step; the digits' training split
+    # leaves a short last batch, so the weighting by batch size shows.
+    result = train(
+        load_config(fast("scheduler.name=cosine", "scheduler.warmup_epochs=1", "trainer.limit_train_batches=1.0", epochs=2)),
+        callbacks=[steps],
+    )
+    rows = _rows(result.run_dir)
+    assert len(rows) == len(steps.epochs) == 2
+    for row, epoch, acc in zip(rows, steps.epochs, steps.accs):
+        sizes = [n for _, n, _ in epoch]
+        assert len(set(sizes)) == 2  # a short last batch
+        loss = sum(l * n for l, n, _ in epoch) / sum(sizes)
+        assert float(row["train/loss"]) == pytest.approx(loss, rel=1e-5)
+        assert float(row["lr"]) == pytest.approx(sum(lr for *_, lr in epoch) / len(epoch), rel=1e-5)
+        assert len({lr for *_, lr in epoch}) > 1  # the mean is over changing values
+        assert float(row["train/acc"]) == pytest.approx(acc, rel=1e-6)
+    assert float(rows[1]["train/acc"]) > float(rows[0]["train/acc"])
+
+
 def test_freeze_backbone_only_changes_the_head(fast):
     result = train(load_config(fast("model.freeze_backbone=true", "run_name=frozen", epochs=1)))
     from lightning import seed_everything
