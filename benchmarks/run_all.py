@@ -98,15 +98,16 @@ def render(results: list[dict], started: datetime, seconds: float) -> str:
     ]
     lines += [f"- {k}: {v}" for k, v in machine()]
     lines += [f"- Versions: {versions()}", f"- Commit: {commit()}", "", "## Claims", "",
-              "| script | claim | ratio | target | verdict |", "|---|---|---|---|---|"]
+              "| script | claim | ratio | target | verdict | note |", "|---|---|---|---|---|---|"]
     for r in results:
         if "failed" in r:
-            lines.append(f"| `{r['script']}.py` | (script failed: {r['failed']}) | | | FAILED |")
+            lines.append(f"| `{r['script']}.py` | (script failed: {r['failed']}) | | | FAILED | |")
             continue
         for q in r["ratios"]:
             op = ">=" if q["higher_is_better"] else "<="
             verdict = "ok" if q["ok"] else "**missed**"
-            lines.append(f"| `{r['script']}.py` | {q['name']} | {q['value']:.3f} | {op} {q['target']:g} | {verdict} |")
+            note = q.get("note", "").replace("|", "\\|")
+            lines.append(f"| `{r['script']}.py` | {q['name']} | {q['value']:.3f} | {op} {q['target']:g} | {verdict} | {note} |")
     for r in results:
         lines += ["", f"## {r['script']}.py", ""]
         if "failed" in r:
