@@ -108,3 +108,25 @@ def test_batches_do_not_depend_on_worker_count(digits_root):
         batches[workers] = [next(it) for _ in range(3)]
     for (x0, y0), (x2, y2) in zip(batches[0], batches[2]):
         assert torch.equal(y0, y2) and torch.equal(x0, x2)
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_are_the_per_sample_transforms_stacked(digits_root, cache, workers):
+    """The loader normalises whole batches (``__getitems__`` + ``collate``): the same bits as
+    running each sample through the dataset on its own and stacking, for training (random
+    augmentation, seeded per sample) and evaluation."""
+    scan = scan_images(digits_root)
+    cfg = OmegaConf.create({"augment": OmegaConf.structured(AugmentConfig(rotation=20, random_resized_crop=True, hflip=True)),
+                            "num_workers": workers, "batch_size": 16, "eval_batch_size": 24, "sampler": "shuffle", "cache": cache})
+    dm = ImageDataModule(scan, RGB, cfg, seed=5)
+    train = dm.train_dataloader()
+    train.sampler.set_epoch(1)
+    keys = list(train.sampler)
+    evaluation = dm.eval_loader("val")
+    for loader, size, key_of in ((train, 16, lambda i: keys[i]), (evaluation, 24, lambda i: i)):
+        for b, (x, y) in zip(range(2), loader):
+            samples = [loader.dataset[key_of(b * size + i)] for i in range(size)]
+            assert x.shape == (size, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
+            assert torch.equal(x, torch.stack([s[0] for s in samples]))
+            assert y.tolist() == [s[1] for s in samples] and y.dtype == torch.int64

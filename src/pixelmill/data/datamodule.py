@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pixelmill.data.cache import make_cache
-from pixelmill.data.images import ImageDataset, SeededSampler
+from pixelmill.data.images import ImageDataset, SeededSampler, collate
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.data.scan import ScanResult
 from pixelmill.data.transforms import eval_transform, train_transform
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from pixelmill.data.tabular_preprocess import TabularPreprocessor
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None, collate_fn=None) -> DataLoader:
     """A DataLoader in ``sampler`` order (a training SeededSampler) or in dataset order (evaluation)."""
     return DataLoader(
         dataset,
@@ -30,6 +30,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=Non
         persistent_workers=num_workers > 0,
         # A final batch of one sample breaks BatchNorm in training; drop only that case.
         drop_last=sampler is not None and len(dataset) % batch_size == 1,
+        collate_fn=collate_fn,
     )
 
 
@@ -52,7 +53,7 @@ class ImageDataModule(L.LightningDataModule):
         return ImageDataset(items, self.prep.channels, transform, cache)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, sampler=None) -> DataLoader:
-        return make_loader(dataset, batch_size, self.cfg.num_workers, sampler)
+        return make_loader(dataset, batch_size, self.cfg.num_workers, sampler, collate_fn=collate)
 
     def eval_loader(self, split: str) -> DataLoader:
         """Deterministic loader (no augmentation, file order) for any split."""

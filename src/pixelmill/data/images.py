@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from pixelmill.data.preprocess import load_image
 from pixelmill.errors import DataError
@@ -59,18 +59,54 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        path, label = self.items[index]
+        return self._seeded(seed, self.transform, self._load(index)), self.items[index][1]
+
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch (DataLoader's batched fetch): the same samples as ``__getitem__``, whose
+        tensors are views of one normalised (B, C, H, W) batch - :func:`collate` hands that on
+        without stacking it again."""
+        pixels_of = getattr(self.transform, "pixels", None)
+        if pixels_of is None:
+            return [self[key] for key in keys]
+        pixels, labels = [], []
+        for key in keys:
+            index, seed = key if isinstance(key, tuple) else (key, None)
+            pixels.append(self._seeded(seed, pixels_of, self._load(index)))
+            labels.append(self.items[index][1])
+        if len({p.shape for p in pixels}) != 1:
+            return [(self.transform.to_float(p), label) for p, label in zip(pixels, labels)]
+        return list(zip(self.transform.to_float.batch(pixels).unbind(0), labels))
+
+    def _load(self, index: int) -> Image.Image | torch.Tensor:
+        path = self.items[index][0]
         try:
             if self.cache is None:
-                img: Image.Image | torch.Tensor = load_image(path, self.channels)
-            else:  # (H, W, C) uint8, already resize_short-ed -> (C, H, W) view
-                img = torch.from_numpy(self.cache.load(index, path)).permute(2, 0, 1)
+                return load_image(path, self.channels)
+            # (H, W, C) uint8, already resize_short-ed -> (C, H, W) view
+            return torch.from_numpy(self.cache.load(index, path)).permute(2, 0, 1)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image '{path}' ({exc}); it changed after the scan - re-run training") from None
+
+    def _seeded(self, seed: int | None, fn: Callable, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        """``fn(img)``, drawing from the sample's own seed when the transform is random."""
         if seed is None or not getattr(self.transform, "random", True):
-            return self.transform(img), label
+            return fn(img)
         with seeded_cpu_rng(seed):
-            return self.transform(img), label
+            return fn(img)
+
+
+def collate(samples: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """``default_collate``, except that samples from ``ImageDataset.__getitems__`` - views of
+    one batch tensor, in order - give that tensor itself instead of a stacked copy."""
+    xs = [x for x, _ in samples]
+    base = xs[0]._base
+    if (
+        base is not None
+        and base.shape[0] == len(xs)
+        and all(x._base is base and x.storage_offset() == base.storage_offset() + i * base.stride(0) for i, x in enumerate(xs))
+    ):
+        return [base, torch.tensor([label for _, label in samples])]
+    return default_collate(samples)
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
