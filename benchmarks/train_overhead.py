@@ -190,7 +190,7 @@ def main() -> None:
         if args.quick:
             measure(report, "small_cnn", 32, n=180, batch=32, epochs=3, target=0.95, work=work, extra=args.overrides)
         else:
-            measure(report, "resnet18", 64, n=720, batch=64, epochs=7, target=0.98, work=work, extra=args.overrides)
+            measure(report, "resnet18", 64, n=1440, batch=64, epochs=7, target=0.98, work=work, extra=args.overrides)
             measure(report, "small_cnn", 32, n=2760, batch=64, epochs=7, target=0.95, work=work, extra=args.overrides)
     report.finish(args.json)
 
