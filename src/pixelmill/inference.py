@@ -92,28 +92,33 @@ def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5) ->
     return out
 
 
+def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+    """An ONNX Runtime CPU session over the bundle's model (full graph optimisation, quiet log)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads:
+        options.inter_op_num_threads = int(inter_op_threads)
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(bundle.model_file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise BundleError(f"ONNX Runtime cannot load {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
+
+
 class OnnxClassifier:
     """An ONNX Runtime session over a bundle's ``model.onnx`` (CPU, full graph optimisation)."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         if not str(bundle.meta.get("model_file", "")).endswith(".onnx"):
             raise BundleError(f"bundle {bundle.path} holds {bundle.meta.get('model_file')}, not an ONNX model")
         self.bundle = bundle
         self.classes = bundle.classes
         self.preprocessing = bundle.preprocessing
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads:
-            options.inter_op_num_threads = int(inter_op_threads)
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(bundle.model_file), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"ONNX Runtime cannot load {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
+        self.session = open_session(bundle, intra_op_threads, inter_op_threads)
         self.input_name = bundle.input_name
         self.output_name = bundle.output_name
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from pixelmill.errors import BundleError, DataError
 from pixelmill.export.bundle import Bundle
-from pixelmill.inference import Prediction, to_predictions
+from pixelmill.inference import Prediction, open_session, to_predictions
 
 # ONNX / structured-array element type per schema column type.
 INPUT_DTYPES = {"numeric": "float32", "boolean": "float32", "categorical": "string"}
@@ -131,24 +131,13 @@ class OnnxTabularClassifier:
     """An ONNX Runtime session over a tabular bundle: records in, class probabilities out."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         if bundle.kind != "tabular" or "schema" not in bundle.meta:
             raise BundleError(f"bundle {bundle.path} is not a tabular bundle (kind={bundle.kind!r}, no schema)")
         self.bundle = bundle
         self.schema = TabularSchemaView(bundle.meta["schema"])
         self.classes = bundle.classes
         self.preprocessing = bundle.meta.get("preprocessing", {})
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads:
-            options.inter_op_num_threads = int(inter_op_threads)
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(bundle.model_file), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"ONNX Runtime cannot load {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
+        self.session = open_session(bundle, intra_op_threads, inter_op_threads)
         self.output_name = bundle.output_name
 
     def run(self, rows: np.ndarray) -> np.ndarray:
