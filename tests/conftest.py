@@ -15,6 +15,18 @@ from helpers import fast_train_overrides, serve_process
 _SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "WEBP": ".webp"}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny MLPs (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    they gain nothing from intra-op threads, and on a shared 2-core machine those cost 10x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sklearn digits as PNG class folders: <root>/{train,val,test}/<digit>/<index>.png (32x32 'L')."""

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from helpers import serve_process
@@ -27,14 +26,7 @@ from pixelmill.export.bundle import read_bundle
 from pixelmill.predict import Predictor
 from pixelmill.training.fit import train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A tiny MLP gains nothing from intra-op threads, and on a shared 2-core machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(name: str, root: Path) -> Path:

@@ -19,21 +19,15 @@ from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
 from pixelmill.training.fit import resume, train
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _overrides(path: Path, out: Path, *extra: str) -> list[str]:
     # The issue's own command line: data.kind / model.name pick the packaged tabular and mlp defaults.
     return [
         "data.kind=tabular", f"data.path={path}", "data.target=target", "model.name=mlp",
         "logger=[csv]", "trainer.progress_bar=false", f"output_dir={out}", *extra,
     ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A tiny MLP gains nothing from intra-op threads, and on a shared 2-core machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
