@@ -110,6 +110,32 @@ def test_bundle_and_checkpoint_predict_the_same(trained_run: Path, bundle_dir: P
     assert [evaluated[str(p)] for p in images] == [p.label for p in onnx_preds]
 
 
+def test_predict_files_in_order_with_errors_in_place_and_progress(trained_run: Path, bundle_dir: Path, digits_root: Path, tmp_path: Path) -> None:
+    """Batches run side by side (one per core) yet rows keep the input order, bad files keep their row."""
+    good = _test_images(digits_root, 37)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    inputs = [*good[:10], tmp_path / "broken.png", *good[10:30], tmp_path / "missing.png", *good[30:]]
+    progress: list[tuple[int, int]] = []
+    predictor = Predictor.load(bundle_dir)
+    rows = predictor.predict_files(inputs, top_k=3, batch_size=8, on_progress=lambda done, total: progress.append((done, total)))
+    assert [Path(r.source) for r in rows] == inputs
+    assert "cannot read image" in rows[10].error and "does not exist" in rows[31].error
+    assert rows[10].prediction is None and rows[31].prediction is None
+    served = [r for r in rows if r.error is None]
+    assert len(served) == 37 and all(r.prediction is not None for r in served)
+    one_by_one = [predictor.predict(f)[0] for f in good]
+    for row, expected in zip(served, one_by_one):
+        assert row.prediction.label == expected.label
+        np.testing.assert_allclose(list(row.prediction.probabilities.values()), list(expected.probabilities.values()), atol=1e-6)
+    assert progress[-1] == (39, 39) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+    # The checkpoint (PyTorch) decodes ahead of one model instead, with the same answers.
+    torch_rows = Predictor.load(trained_run).predict_files(inputs, batch_size=8)
+    assert [r.prediction.label if r.prediction else r.error for r in torch_rows] == [r.prediction.label if r.prediction else r.error for r in rows]
+    # Loaded with one thread (as `pixelmill predict` does), the bundle opens a single session.
+    single = Predictor.load(bundle_dir, threads=1).classifier
+    assert single.single_threaded() is single and predictor.classifier.single_threaded() is not predictor.classifier
+
+
 def test_predictor_rejects_what_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not a run directory, a bundle directory"):
         Predictor.load(tmp_path)

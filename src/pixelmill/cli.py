@@ -325,7 +325,8 @@ def predict(
 
     _setup_logging()
     _quiet_exporters()
-    predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint)
+    # One-thread sessions: predict_files runs one batch per core side by side.
+    predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint, threads=1)
     if predictor.kind == "tabular":
         _predict_csv(predictor, inputs, top_k, out)
         return

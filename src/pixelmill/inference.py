@@ -119,8 +119,22 @@ class OnnxClassifier:
         self.classes = bundle.classes
         self.preprocessing = bundle.preprocessing
         self.session = open_session(bundle, intra_op_threads, inter_op_threads)
+        self.threads = intra_op_threads
         self.input_name = bundle.input_name
         self.output_name = bundle.output_name
+        self._single: OnnxClassifier | None = None
+
+    def single_threaded(self) -> OnnxClassifier:
+        """This model on one thread, for callers that run one batch per core side by side.
+
+        Itself when opened with one intra-op thread, else a second session (opened once).
+        Concurrent runs of one multi-threaded session would fight over its thread pool.
+        """
+        if self.threads == 1:
+            return self
+        if self._single is None:
+            self._single = OnnxClassifier(self.bundle, intra_op_threads=1, inter_op_threads=1)
+        return self._single
 
     def prepare(self, image: ImageLike) -> np.ndarray:
         """A path, PIL image or NumPy array -> (H, W, C) uint8, exactly as evaluation prepared it."""
