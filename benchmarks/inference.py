@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -46,8 +47,9 @@ def per_call_seconds(fn, batch: np.ndarray, seconds: float, min_calls: int = 3) 
     return times
 
 
-def conv_peak(seconds: float, channels: int = 128, size: int = 28, batch: int = 8) -> tuple[float, float]:
-    """(FLOPs per call, median seconds per call) of ONNX Runtime on one large fp32 3x3 convolution.
+def conv_peak(channels: int = 128, size: int = 28, batch: int = 8) -> Callable[[float], float]:
+    """``peak(seconds)``: the FLOP/s (median call over about ``seconds``) of ONNX Runtime on one
+    large fp32 3x3 convolution, its session opened once.
 
     Big enough that ONNX Runtime's convolution kernels run at full speed on every core: its
     FLOP/s is the fastest any fp32 runtime runs a CNN's convolutions on this machine.
@@ -66,8 +68,12 @@ def conv_peak(seconds: float, channels: int = 128, size: int = 28, batch: int = 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal(shape).astype(np.float32)
-    times = per_call_seconds(lambda b: session.run(None, {"X": b}), x, seconds)
-    return 2.0 * batch * channels * size * size * channels * 9, median(times)
+    flops = 2.0 * batch * channels * size * size * channels * 9
+
+    def peak(seconds: float) -> float:
+        return flops / median(per_call_seconds(lambda b: session.run(None, {"X": b}), x, seconds))
+
+    return peak
 
 
 def model_flops(eager, batch: np.ndarray) -> float:
@@ -90,6 +96,7 @@ def bundle_vs_eager(report: Report, name: str, bundle: Path, files: list[str], s
     ort = OnnxClassifier(b)
     eager = TorchClassifier(b.meta["run"]["run_dir"])
     assert isinstance(eager._model, UInt8Classifier)
+    peak_of = conv_peak()
     for batch_size in (1, 32):
         batch = np.ascontiguousarray(images[:batch_size])
         got = {"bundle": [], "eager": [], "peak": []}
@@ -101,8 +108,7 @@ def bundle_vs_eager(report: Report, name: str, bundle: Path, files: list[str], s
             got["eager"] += eager_times
             rounds.append(median(eager_times) / median(bundle_times))
             if batch_size == 1:
-                peak_flops, peak_time = conv_peak(seconds / (4 * ROUNDS))
-                got["peak"].append(peak_flops / peak_time)
+                got["peak"].append(peak_of(seconds / (4 * ROUNDS)))
         np.testing.assert_allclose(ort.run(batch), eager.run(batch), atol=1e-4)
         t_ort, t_eager = median(got["bundle"]), median(got["eager"])
         spread = f"per round {min(rounds):.2f}-{max(rounds):.2f}"
