@@ -57,6 +57,21 @@ def test_missing_data_path_is_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+
+def test_log_lines_follow_stderr_after_an_in_process_command(tmp_path, capsys):
+    """Running a command from Python (a notebook, a test) must not leave logging tied to a stream that is gone."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from pixelmill.cli import app
+
+    result = CliRunner().invoke(app, ["train", f"data.path={tmp_path}/nope"])
+    assert "does not exist" in str(result.exception)  # main() turns it into exit 2; the app itself raises
+    logging.getLogger("pixelmill").warning("a line after the command")
+    err = capsys.readouterr().err
+    assert "a line after the command" in err and "Logging error" not in err
+
 @pytest.mark.slow
 def test_demo_is_the_main_job(tmp_path):
     """`pixelmill demo`: data, training, test evaluation and a table, accuracy of at least 0.95."""

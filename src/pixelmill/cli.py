@@ -28,6 +28,18 @@ console = Console()
 err = Console(stderr=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr``, even when it was replaced after set-up (a notebook, a test runner)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """Rich log lines on a terminal; plain, unwrapped lines when stderr is a file or a pipe."""
     if err.is_terminal:
@@ -35,7 +47,7 @@ def _setup_logging() -> None:
 
         handler: logging.Handler = RichHandler(console=err, show_path=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("pixelmill").setLevel(logging.INFO)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import warnings
@@ -168,16 +169,24 @@ def _suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
 def _open_study(url: str, name: str, direction: str, pruner: optuna.pruners.BasePruner, heartbeat: int) -> tuple[optuna.Study, bool]:
     """Create the study or load it; also says whether this process created it. A trial silent for 2 heartbeats is retried."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     # SQLite: concurrent workers wait for the write lock instead of failing with "database is locked".
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        with _quiet():
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
+        for attempt in range(1, 6):
+            try:
+                with _quiet():
+                    storage = optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    )
+                break
+            except SQLAlchemyError as exc:
+                # Workers started together on a new database race to create its tables: the loser finds them made.
+                if attempt == 5 or not (isinstance(exc, IntegrityError) or "already exists" in str(exc)):
+                    raise
+                time.sleep(0.1 * attempt * (1 + random.random()))
     except ImportError:
         raise ConfigError(f"no database driver for '{url.split(':')[0]}': pip install psycopg2-binary (postgresql) or pymysql (mysql+pymysql://)") from None
     except (SQLAlchemyError, ValueError) as exc:

@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from helpers import fast_train_overrides
 from pixelmill.config import load_config
@@ -21,7 +23,7 @@ from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
 from pixelmill.training.fit import train
 
 CLI = [sys.executable, "-m", "pixelmill.cli", "train"]
-EPOCHS = 6
+EPOCHS = 10  # each killed segment trains at least one epoch: 5 kills leave epochs to finish
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -32,55 +34,81 @@ def _saving(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob(".*.tmp-*"))
 
 
-def _run_until(cmd, cwd, run_dir: Path, when) -> bool:
-    """Start ``cmd``; SIGKILL it when ``when(elapsed)`` says so. True if it was killed."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+class _EpochClock(Callback):
+    """When each epoch ended: the interval is one epoch of training, validation and checkpoint save."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.ends.append(time.monotonic())
+
+
+def _run_until(cmd, cwd, run_dir: Path, when) -> tuple[bool, float | None]:
+    """Start ``cmd``; SIGKILL it once ``when(seconds since start, seconds since its first checkpoint save or None)``.
+
+    Returns whether it was killed and how long after its start it first replaced ``last.ckpt``.
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = _identity(last)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = time.time()
+    started, saved = time.monotonic(), None
     while proc.poll() is None:
-        if time.time() - started > 300:
+        now = time.monotonic()
+        if now - started > 300:
             proc.kill()
             raise AssertionError("a training segment hung")
-        if (run_dir / "checkpoints" / "last.ckpt").exists() and when(time.time() - started):
+        if saved is None and _identity(last) not in (None, before):
+            saved = now
+        if last.exists() and when(now - started, None if saved is None else now - saved):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return True, None if saved is None else saved - started
         time.sleep(0.001)
     assert proc.returncode == 0
-    return False
+    return False, None if saved is None else saved - started
 
 
 @pytest.mark.slow
 @pytest.mark.reliability("training: SIGKILL at 5 random moments, resume bit-exact")
 def test_five_random_kills_resume_to_identical_weights(digits_root, tmp_path):
+    """Kills land inside a checkpoint save, during a resume's start-up and at random points of epochs.
+
+    Moments are measured from the segment's own progress, not the wall clock: on a fast or a
+    loaded machine alike every kill lands before the run has finished.
+    """
     args = fast_train_overrides(digits_root, tmp_path / "runs", "eval.splits=[]", "trainer.limit_train_batches=6", epochs=EPOCHS)
-    straight = train(load_config(args + ["run_name=straight"]))
+    clock = _EpochClock()
+    straight = train(load_config(args + ["run_name=straight"]), callbacks=[clock])
+    epoch = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
     run_dir = tmp_path / "runs" / "default" / "chaos"
     rng = random.Random(20261123)
-    kills = 0
-    during_save = False
+    moments = [
+        lambda t, since_save: since_save is not None and _saving(run_dir),  # inside a save, once last.ckpt exists
+        None,  # during start-up: set once the first segment has shown how long start-up takes
+        *[lambda t, since_save, d=rng.uniform(0.0, 0.8) * epoch: since_save is not None and since_save > d for _ in range(3)],
+    ]
     cmd = CLI + args + ["run_name=chaos"]
-    for attempt in range(12):
-        if kills == 0:  # the first kill lands inside a checkpoint save
-            killed = _run_until(cmd, tmp_path, run_dir, lambda t: _saving(run_dir))
-            during_save = during_save or killed
-        else:
-            delay = rng.uniform(0.0, 3.0)
-            killed = _run_until(cmd, tmp_path, run_dir, lambda t, d=delay: t > d + 4.0)  # ~4 s of start-up
-        if killed:
-            read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # never corrupt
-            status = json.loads((run_dir / "summary.json").read_text())["status"]
-            # A kill can land after the run has finished, while the process shuts down: the run stays finished.
-            killed = status != "finished"
-            if killed:
-                kills += 1
-                assert status == "running"
-        if not killed or kills == 5:
-            break
+    kills, first_save = 0, None
+    while kills < len(moments):
+        killed, saved_after = _run_until(cmd, tmp_path, run_dir, moments[kills])
+        first_save = first_save or saved_after
+        if kills == 0:
+            moments[1] = lambda t, since_save, d=rng.uniform(0.3, 0.9) * first_save: t > d
+        assert killed, f"the run finished before kill {kills + 1} of {len(moments)}"
+        read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # never corrupt
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+        kills += 1
         cmd = CLI + [f"resume={run_dir}"]
-    if kills == 5:  # finish after the last kill
-        assert _run_until(CLI + [f"resume={run_dir}"], tmp_path, run_dir, lambda t: False) is False
-    assert kills >= 3, f"only {kills} kills landed before the run finished"
-    assert during_save, "no kill landed inside a checkpoint save"
+    assert _run_until(cmd, tmp_path, run_dir, lambda t, since_save: False)[0] is False  # finish after the last kill
     final, expected = _weights(run_dir), _weights(straight.run_dir)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

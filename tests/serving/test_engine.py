@@ -63,9 +63,10 @@ def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order() -> No
 
 
 def test_a_full_queue_is_refused_instead_of_growing() -> None:
-    release = threading.Event()
+    running, release = threading.Event(), threading.Event()
 
     def slow_run(batch: np.ndarray) -> np.ndarray:
+        running.set()
         release.wait(5)
         return np.zeros((len(batch), 1), np.float32)
 
@@ -74,7 +75,8 @@ def test_a_full_queue_is_refused_instead_of_growing() -> None:
         await batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(_images([1, 2])))
-            await asyncio.sleep(0.05)  # the first batch is now running and blocks the worker
+            while not running.is_set():  # wait until the first batch runs and blocks the worker
+                await asyncio.sleep(0.005)
             waiting = asyncio.ensure_future(batcher.submit(_images([3, 4, 5, 6])))
             await asyncio.sleep(0.01)
             with pytest.raises(Overloaded):
