@@ -57,7 +57,6 @@ def test_missing_data_path_is_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-
 def test_log_lines_follow_stderr_after_an_in_process_command(tmp_path, capsys):
     """Running a command from Python (a notebook, a test) must not leave logging tied to a stream that is gone."""
     import logging
@@ -71,6 +70,7 @@ def test_log_lines_follow_stderr_after_an_in_process_command(tmp_path, capsys):
     logging.getLogger("pixelmill").warning("a line after the command")
     err = capsys.readouterr().err
     assert "a line after the command" in err and "Logging error" not in err
+
 
 @pytest.mark.slow
 def test_demo_is_the_main_job(tmp_path):

@@ -60,21 +60,21 @@ def _run_until(cmd, cwd, run_dir: Path, when) -> tuple[bool, float | None]:
     last = run_dir / "checkpoints" / "last.ckpt"
     before = _identity(last)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started, saved = time.monotonic(), None
+    started, saved_after = time.monotonic(), None
     while proc.poll() is None:
-        now = time.monotonic()
-        if now - started > 300:
+        elapsed = time.monotonic() - started
+        if elapsed > 300:
             proc.kill()
             raise AssertionError("a training segment hung")
-        if saved is None and _identity(last) not in (None, before):
-            saved = now
-        if last.exists() and when(now - started, None if saved is None else now - saved):
+        if saved_after is None and _identity(last) not in (None, before):
+            saved_after = elapsed
+        if last.exists() and when(elapsed, None if saved_after is None else elapsed - saved_after):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True, None if saved is None else saved - started
+            return True, saved_after
         time.sleep(0.001)
     assert proc.returncode == 0
-    return False, None if saved is None else saved - started
+    return False, saved_after
 
 
 @pytest.mark.slow
@@ -91,22 +91,19 @@ def test_five_random_kills_resume_to_identical_weights(digits_root, tmp_path):
     epoch = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
     run_dir = tmp_path / "runs" / "default" / "chaos"
     rng = random.Random(20261123)
+    first_save = None  # how long the first segment took to its first save: start-up and one epoch
     moments = [
         lambda t, since_save: since_save is not None and _saving(run_dir),  # inside a save, once last.ckpt exists
-        None,  # during start-up: set once the first segment has shown how long start-up takes
+        lambda t, since_save, f=rng.uniform(0.3, 0.9): t > f * first_save,  # during a resume's start-up
         *[lambda t, since_save, d=rng.uniform(0.0, 0.8) * epoch: since_save is not None and since_save > d for _ in range(3)],
     ]
     cmd = CLI + args + ["run_name=chaos"]
-    kills, first_save = 0, None
-    while kills < len(moments):
-        killed, saved_after = _run_until(cmd, tmp_path, run_dir, moments[kills])
+    for kill, moment in enumerate(moments, 1):
+        killed, saved_after = _run_until(cmd, tmp_path, run_dir, moment)
         first_save = first_save or saved_after
-        if kills == 0:
-            moments[1] = lambda t, since_save, d=rng.uniform(0.3, 0.9) * first_save: t > d
-        assert killed, f"the run finished before kill {kills + 1} of {len(moments)}"
+        assert killed, f"the run finished before kill {kill} of {len(moments)}"
         read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # never corrupt
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
-        kills += 1
         cmd = CLI + [f"resume={run_dir}"]
     assert _run_until(cmd, tmp_path, run_dir, lambda t, since_save: False)[0] is False  # finish after the last kill
     final, expected = _weights(run_dir), _weights(straight.run_dir)
