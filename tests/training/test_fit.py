@@ -79,6 +79,24 @@ def test_resume_continues_to_identical_weights(fast):
     assert _rows(resumed.run_dir) == _rows(full.run_dir)
 
 
+def test_resume_removes_a_save_the_killed_run_left_unfinished(fast, caplog):
+    """A kill mid-save leaves a hidden partial file; resuming deletes it, unless its process still runs."""
+    part = train(load_config(fast("run_name=p", epochs=1)))
+    checkpoints = part.run_dir / "checkpoints"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with subprocess.Popen(["sleep", "60"]) as live:
+        try:
+            (checkpoints / f".last.ckpt.tmp-{dead.pid}").write_bytes(b"half a checkpoint")
+            (checkpoints / f".best.ckpt.tmp-{live.pid}").write_bytes(b"a save in progress")
+            with caplog.at_level("INFO", logger="pixelmill"):
+                resume(part.run_dir, ["trainer.max_epochs=2"])
+        finally:
+            live.kill()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f".best.ckpt.tmp-{live.pid}", "best.ckpt", "last.ckpt"]
+    assert f"removed .last.ckpt.tmp-{dead.pid}" in caplog.text
+
+
 def test_resume_refuses_changing_the_experiment(fast):
     part = train(load_config(fast("run_name=p", epochs=1)))
     with pytest.raises(ConfigError, match="cannot change on resume"):

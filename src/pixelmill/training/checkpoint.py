@@ -14,13 +14,16 @@ from torch import nn
 from pixelmill.errors import ModelError, RunError
 
 
+PARTIAL_SAVE = ".{name}.tmp-{pid}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file, fsync, then rename: a kill mid-save keeps the old file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a disk error below is then a clean OSError
         try:
@@ -37,6 +40,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def remove_partial_saves(directory: Path) -> list[Path]:
+    """Delete the temporary files of saves that a killed process never finished; return them.
+
+    A save in progress belongs to a live process and is kept.
+    """
+    removed = []
+    for tmp in sorted(Path(directory).glob(PARTIAL_SAVE.format(name="*", pid="*"))):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

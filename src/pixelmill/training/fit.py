@@ -194,7 +194,11 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
         net = _build_net(cfg, len(scan.classes), fresh=True)
         prep = Preprocessing.from_dict(summary["preprocessing"])
     if global_rank() == 0:
+        from pixelmill.training.checkpoint import remove_partial_saves
+
         runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
+        for partial in remove_partial_saves(run_dir / runs.CHECKPOINTS):
+            log.info("removed %s, a checkpoint save the stopped run did not finish", partial.name)
     log.info("resuming %s from %s", run_dir, ckpt)
     return _fit(cfg, run_dir, scan, net, prep, ckpt_path=ckpt)
 
