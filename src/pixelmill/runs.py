@@ -94,7 +94,8 @@ def checkpoint_path(run_dir: Path, which: str = "best") -> Path:
     return path
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts)."""
     if not pid:
         return False
     try:
@@ -109,7 +110,7 @@ def _pid_alive(pid: int | None) -> bool:
 def run_status(summary: dict[str, Any]) -> str:
     """finished / failed / interrupted / running, or killed for a running run whose process is gone."""
     status = summary.get("status", "unknown")
-    if status == "running" and not _pid_alive(summary.get("pid")):
+    if status == "running" and not pid_alive(summary.get("pid")):
         return "killed"
     return status
 

@@ -253,7 +253,7 @@ class _Search:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker") or {}
             # "trial" ignores attributes a retry copied from the trial it repeats.
-            if worker.get("host") != socket.gethostname() or worker.get("trial") != trial.number or runs._pid_alive(worker.get("pid")):
+            if worker.get("host") != socket.gethostname() or worker.get("trial") != trial.number or runs.pid_alive(worker.get("pid")):
                 continue
             log.warning("trial %d lost its worker (pid %s): marked failed, its parameters queued again", trial.number, worker.get("pid"))
             if self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True).state == TrialState.FAIL:

@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from pixelmill.errors import ModelError, RunError
+from pixelmill.runs import pid_alive
 
 
 PARTIAL_SAVE = ".{name}.tmp-{pid}"
@@ -50,20 +51,10 @@ def remove_partial_saves(directory: Path) -> list[Path]:
     removed = []
     for tmp in sorted(Path(directory).glob(PARTIAL_SAVE.format(name="*", pid="*"))):
         pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        pass
-    return True
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
