@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test browser bench reliability clean
+.PHONY: install demo test lint browser bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the report browser test will be skipped"; }
 
-test: install browser
+# Lint and the layer contracts (pyproject.toml) first: seconds, and they fail before a 10-minute suite.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: install browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every claim in benchmarks/ measured on this machine (~20 min); rewrites benchmarks/RESULTS.md.

@@ -66,7 +66,7 @@ def pixelmill_loader(root: Path, cache: str, extra: list[str]):
     from pixelmill.data.datamodule import ImageDataModule
     from pixelmill.data.scan import scan_images
     from pixelmill.models import create_model
-    from pixelmill.training.fit import resolve_preprocessing
+    from pixelmill.tasks.image_classification.preprocessing import resolve_preprocessing
 
     cfg = load_config([
         f"data.path={root}", "model.name=resnet18", f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}",

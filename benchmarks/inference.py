@@ -33,7 +33,6 @@ from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # 
 from _fixtures import cached_bundle, train_and_export  # noqa: E402
 from _photos import photo_dir  # noqa: E402
 
-
 ROUNDS = 8  # bundle and eager alternate this many times per batch size
 
 
@@ -135,8 +134,9 @@ def model_flops(eager, batch: np.ndarray) -> float:
 def bundle_vs_eager(report: Report, name: str, bundle: Path, files: list[str], seconds: float) -> None:
     from pixelmill.export.bundle import read_bundle
     from pixelmill.export.onnx import UInt8Classifier
-    from pixelmill.inference import OnnxClassifier, prepare_image
-    from pixelmill.predict import TorchClassifier
+    from pixelmill.inference import prepare_image
+    from pixelmill.tasks.image_classification.eager import TorchClassifier
+    from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
     b = read_bundle(bundle)
     images = np.stack([prepare_image(f, b.preprocessing) for f in files[:32]])  # (32, H, W, C) uint8
@@ -191,9 +191,9 @@ def predict_vs_raw(report: Report, name: str, bundle: Path, files: list[str], ro
     """Images/s of Predictor.predict_files on JPEG files vs raw session.run on decoded tensors."""
     import onnxruntime as ort
 
-    from pixelmill.inference import prepare_image
     from pixelmill.export.bundle import read_bundle
-    from pixelmill.predict import Predictor
+    from pixelmill.inference import prepare_image
+    from pixelmill.inference.predictor import Predictor
 
     b = read_bundle(bundle)
     cpu = time.process_time()

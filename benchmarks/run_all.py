@@ -37,7 +37,7 @@ def machine() -> list[tuple[str, str]]:
         pass
     ram = ""
     try:
-        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")).split()[1])
         ram = f"{kb / 2**20:.1f} GiB"
     except (OSError, StopIteration):
         pass

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # noqa: E402
+from _common import Report, header, parse_args, pixelmill_bin, quiet  # noqa: E402
 from _fixtures import cached_bundle, train_and_export  # noqa: E402
 from _photos import photo_dir  # noqa: E402
 
@@ -60,7 +60,7 @@ def in_process_limit(bundle: Path, images: list[bytes], seconds: float) -> float
     from PIL import Image
 
     from pixelmill.export.bundle import read_bundle
-    from pixelmill.inference import OnnxClassifier
+    from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
     clf = OnnxClassifier(read_bundle(bundle))
     batch = [images[i % len(images)] for i in range(32)]

@@ -60,8 +60,11 @@ def free_port() -> int:
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment without PIXELMILL_* settings (but the cache dir), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_") or k == "PIXELMILL_CACHE_DIR"}
+    """This process's environment without PIXELMILL_* settings (but the cache dirs), plus ``extra``."""
+    from pixelmill.caches import IMAGE_CACHE_ENV, LEGACY_CACHE_ENV, MODEL_CACHE_ENV
+
+    keep = {IMAGE_CACHE_ENV, MODEL_CACHE_ENV, LEGACY_CACHE_ENV}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_") or k in keep}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pixelmill.cli import app
 from pixelmill.errors import DataError, ModelError
 from pixelmill.export import export_run
-from pixelmill.predict import Predictor, expand_inputs
+from pixelmill.inference.predictor import Predictor, expand_inputs
 
 
 @pytest.fixture(scope="module")

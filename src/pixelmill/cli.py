@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pixelmill.errors import ConfigError, PixelmillError
+from pixelmill.errors import PixelmillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate, export and serve image and tabular classifiers.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets and data checks.")
@@ -90,7 +90,8 @@ def train(
 ) -> None:
     """Train a classifier; `resume=RUN_DIR` continues a stopped run."""
     from pixelmill.config import load_config, parse_override
-    from pixelmill.training.fit import resume, train as train_run
+    from pixelmill.training.fit import resume
+    from pixelmill.training.fit import train as train_run
 
     _setup_logging()
     overrides = list(overrides or [])
@@ -265,6 +266,7 @@ def export(
 ) -> None:
     """Export a run to a bundle checked against PyTorch on real evaluation images."""
     from pixelmill.export import export_run
+    from pixelmill.tasks import TASKS
 
     _setup_logging()
     _quiet_exporters()
@@ -272,52 +274,20 @@ def export(
         run_dir, checkpoint=checkpoint, fmt=fmt, quantize=quantize, out=out, max_images=max_images,
         name=name, min_int8_agreement=min_int8_agreement,
     )
-    check = bundle.meta["export"]
+    info = bundle.info
+    check = info.export
+    noun = TASKS[info.kind].sample_noun
+    inputs = f"{info.input.name} {info.input.dtype} {info.input.shape} {info.input.layout}" if info.input else f"{len(info.inputs or [])} named inputs"
     rows = [
         ("bundle", str(bundle.path)),
-        ("model", f"{bundle.meta['model_file']} ({check['format']}{', int8' if check.get('quantize') else ''})"),
-        ("input", f"{len(bundle.meta['inputs'])} named columns (float32 / string, [N, 1] each)" if bundle.kind == "tabular"
-         else f"{bundle.input_name} uint8 {bundle.meta['input']['shape']} NHWC"),
+        ("model", f"{info.model_file} ({check['format']}{', int8' if check.get('quantize') else ''})"),
+        ("input", inputs),
         ("classes", ", ".join(bundle.classes)),
-        ("checked rows" if bundle.kind == "tabular" else "checked images", str(check["checked_images"])),
+        (f"checked {noun}", str(check["checked_images"])),
         ("top-1 agreement", f"{check['top1_agreement']:.2%}"),
         ("max |p - p_torch|", f"{check['max_abs_diff']:.2e}"),
     ]
     console.print(_metrics_table("pixelmill export", rows))
-
-
-def _predict_table(rows, top_k: int) -> Table:
-    table = Table(title=f"{len(rows)} prediction(s)")
-    table.add_column("input", overflow="fold")
-    for column in ("label", "confidence", f"top-{top_k}"):
-        table.add_column(column)
-    for row in rows:
-        p = row.prediction
-        if p is None:
-            table.add_row(row.source, "[red]error[/]", "", row.error or "")
-        else:
-            table.add_row(row.source, p.label, f"{p.confidence:.4f}", ", ".join(f"{k} {v:.3f}" for k, v in p.top_k))
-    return table
-
-
-def _predict_csv(predictor, inputs: List[str], top_k: int, out: Optional[Path]) -> None:
-    """``pixelmill predict`` for a model trained on a CSV: one CSV of rows in, one prediction per row out."""
-    from pixelmill.predict import write_table_predictions
-
-    if len(inputs) != 1:
-        raise ConfigError(f"a tabular model predicts one CSV file at a time; got {len(inputs)} inputs")
-    rows = predictor.predict_csv(inputs[0], top_k)
-    if out is not None:
-        write_table_predictions(rows, out, predictor.classes)
-        console.print(f"wrote {len(rows)} prediction(s) to {out}")
-        return
-    table = Table(title=f"{len(rows)} prediction(s)")
-    for column in ("row", "source", "label", "confidence", f"top-{top_k}"):
-        table.add_column(column)
-    for r in rows:
-        p = r.prediction
-        table.add_row(str(r.row), r.source, p.label, f"{p.confidence:.4f}", ", ".join(f"{k} {v:.3f}" for k, v in p.top_k))
-    console.print(table)
 
 
 @app.command()
@@ -330,34 +300,41 @@ def predict(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
     checkpoint: str = typer.Option("best", help="For a run directory: best, last or a checkpoint path."),
 ) -> None:
-    """Predict labels for images; unreadable files get a row with the error."""
+    """Predict labels for images (or a CSV's rows); unreadable files get a row with the error."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pixelmill.predict import Predictor, expand_inputs, write_predictions
+    from pixelmill.inference.predictor import Predictor
 
     _setup_logging()
     _quiet_exporters()
     # One-thread sessions: predict_files runs one batch per core side by side.
     predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint, threads=1)
-    if predictor.kind == "tabular":
-        _predict_csv(predictor, inputs, top_k, out)
-        return
-    files = expand_inputs(inputs)
-    if len(files) > 4:
-        columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("predict", total=len(files))
-            rows = predictor.predict_files(files, top_k, batch_size, on_progress=lambda done, _: bar.update(task, completed=done))
-    else:
-        rows = predictor.predict_files(files, top_k, batch_size)
-    failed = sum(r.error is not None for r in rows)
+    bar = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True)
+    shown: list = []
+
+    def on_progress(done: int, total: int) -> None:
+        if total > 4 and not shown:  # a bar only for more than a handful of inputs
+            bar.start()
+            shown.append(bar.add_task("predict", total=total))
+        if shown:
+            bar.update(shown[0], completed=done)
+
+    try:
+        result = predictor.task.predict_inputs(predictor, inputs, top_k, batch_size, out, on_progress)
+    finally:
+        bar.stop()
+    total = len(result.rows)
     if out is not None:
-        write_predictions(rows, out, predictor.classes)
-        console.print(f"wrote {len(rows)} prediction(s) to {out}" + (f" ({failed} unreadable)" if failed else ""))
+        console.print(f"wrote {total} prediction(s) to {out}" + (f" ({result.failed} unreadable)" if result.failed else ""))
     else:
-        console.print(_predict_table(rows, top_k))
-    if failed:
-        err.print(f"[yellow]{failed} of {len(rows)} input(s) could not be read[/]")
+        table = Table(title=f"{total} prediction(s)")
+        for column in result.columns:
+            table.add_column(column, overflow="fold" if column == "input" else None)
+        for row in result.rows:
+            table.add_row(*row)
+        console.print(table)
+    if result.failed:
+        err.print(f"[yellow]{result.failed} of {total} input(s) could not be read[/]")
 
 
 def _versions_table(title: str, versions) -> Table:
@@ -378,7 +355,7 @@ def registry_register(
     artifact_location: Optional[str] = typer.Option(None, help="Artifact root for a new MLflow experiment."),
 ) -> None:
     """Log RUN_DIR's bundle to MLflow (ONNX flavour + bundle artifacts) and register a new version."""
-    from pixelmill.registry import register
+    from pixelmill.model_registry import register
 
     _setup_logging()
     _quiet_exporters()
@@ -392,7 +369,7 @@ def registry_list(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)."),
 ) -> None:
     """List registered models, or every version of NAME."""
-    from pixelmill.registry import list_versions
+    from pixelmill.model_registry import list_versions
 
     _quiet_exporters()
     versions = list_versions(name, tracking_uri=tracking_uri)
@@ -407,7 +384,7 @@ def registry_promote(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)."),
 ) -> None:
     """Point an alias (default champion) at a version: models:/NAME@ALIAS then resolves to it."""
-    from pixelmill.registry import promote
+    from pixelmill.model_registry import promote
 
     _quiet_exporters()
     info = promote(name, version, alias=alias, tracking_uri=tracking_uri)

@@ -14,11 +14,19 @@ import json
 import os
 import secrets
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from pixelmill.errors import RunError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from pixelmill.tasks import Task
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -63,9 +71,64 @@ def versions(*modules: str) -> dict[str, str]:
     return found
 
 
+class BestEpoch(BaseModel):
+    """The epoch the monitored metric liked best, and its metrics."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epoch: Optional[int] = None
+    metrics: dict[str, Any] = {}
+
+
+class RunSummary(BaseModel):
+    """``summary.json``: what a run is, how far it got and how good it is.
+
+    Written field by field as the run goes (``update_summary``); every field is optional so
+    that a run killed at any moment still reads. Unknown fields are kept (newer pixelmill).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    run_name: Optional[str] = None
+    experiment: Optional[str] = None
+    model: Optional[str] = None
+    task: Optional[str] = None
+    status: str = "unknown"
+    created_at: Optional[str] = None
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    pid: Optional[int] = None
+    error: Optional[str] = None
+    classes: list[str] = []
+    preprocessing: Optional[dict[str, Any]] = None  # the task's own record (image: size, mean, std, ...)
+    data: dict[str, Any] = {}  # the task's data summary: counts, skipped files, fingerprint
+    versions: dict[str, str] = {}
+    durations: dict[str, float] = {}
+    trackers: Optional[dict[str, Any]] = None
+    epochs_completed: int = 0
+    tracked_epochs: int = 0
+    best: Optional[BestEpoch] = None
+    eval: dict[str, dict[str, Any]] = {}  # split -> headline metrics
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        return self.data.get("fingerprint")
+
+    @property
+    def started_training(self) -> bool:
+        """Whether the run got as far as knowing its classes and preprocessing."""
+        return bool(self.classes) and self.preprocessing is not None
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json`` as written (an empty dict before the run wrote one); see :func:`load_summary` for the typed record."""
     path = Path(run_dir) / SUMMARY
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_summary(run_dir: Path) -> RunSummary:
+    """``summary.json`` as a typed :class:`RunSummary`."""
+    return RunSummary.model_validate(read_summary(run_dir))
 
 
 def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -107,12 +170,11 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-def run_status(summary: dict[str, Any]) -> str:
+def run_status(summary: RunSummary) -> str:
     """finished / failed / interrupted / running, or killed for a running run whose process is gone."""
-    status = summary.get("status", "unknown")
-    if status == "running" and not pid_alive(summary.get("pid")):
+    if summary.status == "running" and not pid_alive(summary.pid):
         return "killed"
-    return status
+    return summary.status
 
 
 def list_runs(output_dir: str | Path = "runs", experiment: str | None = None) -> list[Path]:
@@ -124,22 +186,21 @@ def list_runs(output_dir: str | Path = "runs", experiment: str | None = None) ->
 
 def describe(run_dir: Path) -> dict[str, Any]:
     """One row for run tables: identity, status, best and test metrics, duration."""
-    summary = read_summary(run_dir)
-    best = (summary.get("best") or {}).get("metrics", {})
-    test = (summary.get("eval") or {}).get("test", {})
-    durations = summary.get("durations", {})
+    summary = load_summary(run_dir)
+    best = summary.best.metrics if summary.best else {}
+    test = summary.eval.get("test", {})
     return {
         "run": Path(run_dir).name,
-        "experiment": summary.get("experiment", Path(run_dir).parent.name),
-        "model": summary.get("model", ""),
+        "experiment": summary.experiment or Path(run_dir).parent.name,
+        "model": summary.model or "",
         "status": run_status(summary),
-        "epochs": summary.get("epochs_completed", 0),
-        "best_epoch": (summary.get("best") or {}).get("epoch"),
+        "epochs": summary.epochs_completed,
+        "best_epoch": summary.best.epoch if summary.best else None,
         "val/acc": best.get("val/acc"),
         "val/f1_macro": best.get("val/f1_macro"),
         "test/acc": test.get("accuracy"),
         "test/f1_macro": test.get("f1_macro"),
-        "fit_s": durations.get("fit_s"),
+        "fit_s": summary.durations.get("fit_s"),
     }
 
 
@@ -156,3 +217,46 @@ def params(run_dir: Path) -> dict[str, Any]:
         return out
 
     return walk(yaml.safe_load((Path(run_dir) / CONFIG).read_text()) or {}, "", {})
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, ready to evaluate, export or predict: what :func:`load_run` returns."""
+
+    run_dir: Path
+    config: DictConfig
+    summary: RunSummary
+    task: Task
+    net: Any  # torch.nn.Module in eval mode, with the checkpoint's weights
+    preprocessing: Any  # the task's preprocessing (image: Preprocessing; tabular: the fitted preprocessor)
+    checkpoint: str = "best"
+    epoch: Optional[int] = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.summary.classes)
+
+    @property
+    def name(self) -> str:
+        return self.summary.run_name or self.run_dir.name
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
+    """Load a trained run: its config, typed summary, task, network (with ``checkpoint``'s weights) and preprocessing.
+
+    The one way evaluation, export, predict and tuning rebuild a network from a run directory.
+    """
+    from pixelmill.config import load_saved
+    from pixelmill.tasks import task_for_config
+    from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
+
+    run_dir = resolve_run_dir(run_dir)
+    cfg = load_saved(run_dir / CONFIG)
+    summary = load_summary(run_dir)
+    if not summary.started_training:
+        raise RunError(f"'{run_dir}' has no classes/preprocessing in summary.json; it never started training")
+    task = task_for_config(cfg)
+    ckpt = read_checkpoint(checkpoint_path(run_dir, checkpoint))
+    net, prep = task.saved_model(cfg, summary, run_dir)
+    net.load_state_dict(net_state_dict(ckpt), strict=True)
+    return LoadedRun(run_dir, cfg, summary, task, net.eval(), prep, checkpoint, ckpt.get("epoch"))

@@ -19,6 +19,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger
 
+from pixelmill.config.schema import LOGGERS
 from pixelmill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _quick_mlflow_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def _artifact_uri(location: str | None) -> str | None:
+def artifact_uri(location: str | None) -> str | None:
     if location and "://" not in location:
         return Path(location).resolve().as_uri()
     return location
@@ -80,7 +81,7 @@ def _mlflow(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
         experiment_name=cfg.experiment,
         run_name=run_name,
         tracking_uri=cfg.tracking.mlflow.uri,
-        artifact_location=_artifact_uri(cfg.tracking.mlflow.artifact_location),
+        artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location),
         run_id=ids.get("mlflow"),
         tags={"mlflow.parentRunId": cfg.tracking.mlflow.parent_run_id} if cfg.tracking.mlflow.parent_run_id else None,
     )
@@ -106,6 +107,7 @@ def _wandb(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
 
 
 _LOGGERS = {"csv": _csv, "tensorboard": _tensorboard, "mlflow": _mlflow, "wandb": _wandb}
+assert set(_LOGGERS) == set(LOGGERS), "logger choices and _LOGGERS differ"
 
 
 def build_loggers(cfg, run_dir: Path, run_name: str, ids: dict[str, str] | None = None) -> list[Logger]:

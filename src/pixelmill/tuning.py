@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 import warnings
@@ -168,25 +167,26 @@ def _suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
 
 def _open_study(url: str, name: str, direction: str, pruner: optuna.pruners.BasePruner, heartbeat: int) -> tuple[optuna.Study, bool]:
     """Create the study or load it; also says whether this process created it. A trial silent for 2 heartbeats is retried."""
+    import tenacity
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     # SQLite: concurrent workers wait for the write lock instead of failing with "database is locked".
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    def schema_race(exc: BaseException) -> bool:
+        # Workers started together on a new database race to create its tables: the loser finds them made.
+        return isinstance(exc, SQLAlchemyError) and (isinstance(exc, IntegrityError) or "already exists" in str(exc))
+
     try:
-        for attempt in range(1, 6):
-            try:
-                with _quiet():
-                    storage = optuna.storages.RDBStorage(
-                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                    )
-                break
-            except SQLAlchemyError as exc:
-                # Workers started together on a new database race to create its tables: the loser finds them made.
-                if attempt == 5 or not (isinstance(exc, IntegrityError) or "already exists" in str(exc)):
-                    raise
-                time.sleep(0.1 * attempt * (1 + random.random()))
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception(schema_race), stop=tenacity.stop_after_attempt(5),
+            wait=tenacity.wait_random(0.1, 0.5), reraise=True,
+        ):
+            with attempt, _quiet():
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
     except ImportError:
         raise ConfigError(f"no database driver for '{url.split(':')[0]}': pip install psycopg2-binary (postgresql) or pymysql (mysql+pymysql://)") from None
     except (SQLAlchemyError, ValueError) as exc:
@@ -212,12 +212,12 @@ def _mlflow_parent(study: optuna.Study, cfg, created: bool) -> str:
         return run_id
     from mlflow.tracking import MlflowClient
 
-    from pixelmill.tracking import _artifact_uri
+    from pixelmill.tracking import artifact_uri
 
     client = MlflowClient(tracking_uri=cfg.tracking.mlflow.uri)
     if (experiment := client.get_experiment_by_name(study.study_name)) is None:
         with contextlib.suppress(Exception):  # a trial of another worker may create it first
-            client.create_experiment(study.study_name, artifact_location=_artifact_uri(cfg.tracking.mlflow.artifact_location))
+            client.create_experiment(study.study_name, artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location))
         experiment = client.get_experiment_by_name(study.study_name)
     run_id = client.create_run(experiment.experiment_id, run_name=study.study_name, tags={"pixelmill.study": study.study_name}).info.run_id
     study.set_user_attr(PARENT_ATTR, run_id)

@@ -20,8 +20,8 @@ from pixelmill.cli import app
 from pixelmill.errors import BundleError
 from pixelmill.export import export_run, verdict
 from pixelmill.export.bundle import read_bundle, sha256_file
-from pixelmill.inference import OnnxClassifier
-from pixelmill.predict import Predictor
+from pixelmill.inference.predictor import Predictor
+from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
 
 def _digits(root: Path, split: str = "test", n: int = 12) -> list[Path]:
@@ -172,9 +172,9 @@ def test_serving_path_never_imports_torch(bundle_dir: Path, digits_root: Path) -
     code = f"""
 import sys
 from pixelmill.export.bundle import read_bundle
-from pixelmill.inference import OnnxClassifier
-from pixelmill.predict import Predictor
-from pixelmill.registry import resolve_model
+from pixelmill.tasks.image_classification.runtime import OnnxClassifier
+from pixelmill.inference.predictor import Predictor
+from pixelmill.model_registry import resolve_model
 from pixelmill import Predictor
 bundle = read_bundle(resolve_model({str(bundle_dir)!r}))
 pred = OnnxClassifier(bundle).predict([{str(image)!r}], top_k=2)[0]

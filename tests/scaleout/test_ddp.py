@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from helpers import fast_train_overrides
 from pixelmill.training.checkpoint import net_state_dict, read_checkpoint

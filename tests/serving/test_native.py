@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pixelmill.export.bundle import read_bundle
-from pixelmill.inference import OnnxClassifier
+from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
 
 def _multipart(files: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:

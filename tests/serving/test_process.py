@@ -72,7 +72,7 @@ def test_several_workers_share_the_cpus(start_server, digit_files: list[Path]) -
 
 @pytest.mark.slow
 def test_serves_a_registered_model_by_uri(start_server, trained_run: Path, bundle_dir: Path, tmp_path: Path) -> None:
-    from pixelmill.registry import register
+    from pixelmill.model_registry import register
 
     run_copy = tmp_path / "run"
     shutil.copytree(trained_run, run_copy)  # the shared run stays read-only

@@ -58,6 +58,20 @@ def test_the_right_token_is_served(auth_server, bundle_name: str, digit_files: l
         assert http.post("/predict", files=files).status_code == 200
 
 
+def test_openapi_declares_the_bearer_scheme_when_a_token_is_set(auth_server) -> None:
+    from pixelmill.serving.app import create_app
+    from pixelmill.serving.settings import ServeSettings
+
+    schema = httpx.get(f"{auth_server.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    schemes = schema["components"]["securitySchemes"]
+    [(name, scheme)] = [(n, s) for n, s in schemes.items() if s.get("type") == "http" and s.get("scheme") == "bearer"]
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            expected = [] if path == "/v2/health/live" else [{name: []}]
+            assert operation.get("security", []) == expected, (method, path)
+    assert "securitySchemes" not in create_app(ServeSettings(model="unused")).openapi().get("components", {})  # no token: none
+
+
 def test_tritonclient_sends_the_token(auth_server, bundle_name: str) -> None:
     tritonclient_http = pytest.importorskip("tritonclient.http")
     from tritonclient.utils import InferenceServerException

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pixelmill.export.bundle import read_bundle
-from pixelmill.inference import OnnxClassifier
+from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

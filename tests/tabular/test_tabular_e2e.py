@@ -22,8 +22,7 @@ from pixelmill.config import load_config
 from pixelmill.data.demo import write_tabular
 from pixelmill.errors import BundleError, DataError
 from pixelmill.export import export_run
-from pixelmill.export.bundle import read_bundle
-from pixelmill.predict import Predictor
+from pixelmill.inference.predictor import Predictor
 from pixelmill.training.fit import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,10 +90,10 @@ def test_tampered_bundle_and_disagreeing_export_are_refused(run: Path, bundle, t
     with pytest.raises(BundleError):
         Predictor.load(edited)
 
-    import pixelmill.export.tabular as tabular_export
+    import pixelmill.tasks.tabular_classification.export as tabular_export
 
-    real = tabular_export._reference
-    monkeypatch.setattr(tabular_export, "_reference", lambda *a: real(*a)[:, ::-1].copy())  # swap the classes
+    real = tabular_export.reference
+    monkeypatch.setattr(tabular_export, "reference", lambda *a: real(*a)[:, ::-1].copy())  # swap the classes
     with pytest.raises(BundleError, match="refusing to write a bundle.*top-1 differs"):
         export_run(run, out=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()

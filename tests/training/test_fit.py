@@ -203,7 +203,7 @@ def test_epoch_row_is_the_mean_over_the_epochs_steps(fast):
     for row, epoch, acc in zip(rows, steps.epochs, steps.accs):
         sizes = [n for _, n, _ in epoch]
         assert len(set(sizes)) == 2  # a short last batch
-        loss = sum(l * n for l, n, _ in epoch) / sum(sizes)
+        loss = sum(value * n for value, n, _ in epoch) / sum(sizes)
         assert float(row["train/loss"]) == pytest.approx(loss, rel=1e-5)
         assert float(row["lr"]) == pytest.approx(sum(lr for *_, lr in epoch) / len(epoch), rel=1e-5)
         assert len({lr for *_, lr in epoch}) > 1  # the mean is over changing values

@@ -18,7 +18,6 @@ from pixelmill.evaluation.evaluate import evaluate_run
 from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
 from pixelmill.training.fit import resume, train
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

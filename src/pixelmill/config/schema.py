@@ -9,7 +9,18 @@ work starts. Value checks that a type cannot express (choices, ranges) live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Collection, Optional
+
+from pixelmill.data.choices import AUTO_AUGMENTS, CACHE_MODES, INTERPOLATIONS, LAYOUTS, SAMPLERS
+from pixelmill.tasks import TASKS
+
+# Choice lists of the keys outside data.* (those live in pixelmill.data.choices), each defined
+# here only; the module that acts on a key checks its own table against the list.
+ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "tanh")  # model.activation: models/nets.py
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop")  # optim.name: training/module.py
+SCHEDULERS: tuple[str, ...] = ("none", "step", "cosine", "onecycle", "plateau")  # scheduler.name: training/module.py
+LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow", "wandb")  # logger (a list of them): tracking.py
+MONITORS: tuple[str, ...] = ("val/acc", "val/loss", "val/f1_macro")  # trainer.monitor
 
 
 @dataclass
@@ -143,17 +154,17 @@ class PixelmillConfig:
 
 
 # Allowed values for string keys: dotted key -> choices.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.kind": ("image", "tabular"),
-    "data.layout": ("auto", "split", "flat", "csv"),
-    "data.sampler": ("shuffle", "balanced"),
-    "data.cache": ("none", "memory", "disk"),
-    "data.interpolation": ("bilinear", "bicubic", "nearest"),
-    "data.augment.auto_augment": ("none", "randaugment", "trivialaugment", "autoaugment"),
+CHOICES: dict[str, Collection[str]] = {
+    "data.kind": TASKS.keys(),  # a live view: a task registered by a plug-in is a valid data.kind
+    "data.layout": LAYOUTS,
+    "data.sampler": SAMPLERS,
+    "data.cache": CACHE_MODES,
+    "data.interpolation": INTERPOLATIONS,
+    "data.augment.auto_augment": AUTO_AUGMENTS,
     "model.class_weights": ("none", "auto"),
-    "model.activation": ("relu", "gelu", "silu", "tanh"),
-    "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
-    "scheduler.name": ("none", "step", "cosine", "onecycle", "plateau"),
+    "model.activation": ACTIVATIONS,
+    "optim.name": OPTIMIZERS,
+    "scheduler.name": SCHEDULERS,
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "trainer.precision": ("32", "16-mixed", "bf16-mixed", "64"),
     "trainer.mode": ("min", "max"),
@@ -195,6 +206,3 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "trainer.num_nodes": (1, None, True),
     "seed": (0, 2**32 - 1, True),
 }
-
-LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
-MONITORS = ("val/acc", "val/loss", "val/f1_macro")

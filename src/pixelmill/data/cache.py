@@ -1,9 +1,10 @@
 """``data.cache``: images decoded and resized once, then shared by every DataLoader worker.
 
 ``memory`` keeps them in anonymous shared memory that forked workers inherit; ``disk`` in a
-memory-mapped file under the cache directory (``$PIXELMILL_CACHE_DIR``, else
-``$XDG_CACHE_HOME/pixelmill/images``), shared by workers, DDP ranks and later runs on the
-same files. Either way an image decoded by any worker is a hit for all of them afterwards.
+memory-mapped file in the image cache folder (``$PIXELMILL_IMAGE_CACHE_DIR``, else
+``<user cache>/pixelmill/images``; see ``pixelmill.caches``), shared by workers, DDP ranks and
+later runs on the same files. Either way an image decoded by any worker is a hit for all of
+them afterwards.
 
 What is stored is ``preprocess.resize_short`` of the decoded image (shorter side =
 ``resize_to``), so evaluation - a centre crop of it - sees exactly the pixels it sees
@@ -24,27 +25,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
+from pixelmill.caches import IMAGE_CACHE_ENV, image_cache_dir
+from pixelmill.data.choices import CACHE_MODES
 from pixelmill.data.preprocess import Preprocessing, load_image, resize_short, resized_size
 from pixelmill.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("none", "memory", "disk")
-CACHE_DIR_ENV = "PIXELMILL_CACHE_DIR"
+CACHE_DIR_ENV = IMAGE_CACHE_ENV  # the variable that moves the disk cache (error messages name it)
 _LAYOUT_VERSION = 1
-_INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
-
-
-def cache_dir() -> Path:
-    """Where ``data.cache=disk`` files live."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pixelmill" / "images"
 
 
 def _slot_bytes(path: str, prep: Preprocessing) -> int:
@@ -58,14 +53,11 @@ def _slot_bytes(path: str, prep: Preprocessing) -> int:
 
 
 def _available_ram() -> int | None:
+    """Bytes of RAM available without swapping (Linux: MemAvailable), or None if unknown."""
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, NotImplementedError):
+        return None
 
 
 class ImageCache:
@@ -110,7 +102,7 @@ class ImageCache:
                 digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
             except OSError:
                 digest.update(f"{p}\0missing\n".encode("utf-8", "surrogateescape"))
-        return cache_dir() / f"{digest.hexdigest()[:24]}.u8"
+        return image_cache_dir() / f"{digest.hexdigest()[:24]}.u8"
 
     def _check_room(self) -> None:
         if self.mode == "memory":
@@ -213,7 +205,7 @@ class ImageCache:
         x = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(img.height, img.width, c)).permute(2, 0, 1)
         w, h = resized_size(img.size, self.prep)
         if (w, h) != img.size:  # (C, H, W) channels-last uint8: torch's vectorised path
-            x = resize(x, [h, w], interpolation=_INTERPOLATION[self.prep.interpolation], antialias=True)
+            x = resize(x, [h, w], interpolation=InterpolationMode(self.prep.interpolation), antialias=True)
         return x.permute(1, 2, 0).contiguous().numpy()
 
 

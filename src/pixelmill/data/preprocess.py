@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from pixelmill.data.choices import INTERPOLATIONS
+
 MAX_ASPECT = 64  # longest side / shortest side we agree to resize
 
 _EXIF_ORIENTATION = 0x0112
 
-_PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+# ``data.interpolation`` name -> PIL filter, for every name the config accepts. torchvision needs
+# no table: its InterpolationMode has these names as values (``InterpolationMode(name)``).
+PIL_INTERPOLATION: dict[str, Image.Resampling] = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def resize_short(img: Image.Image, prep: Preprocessing) -> Image.Image:
     ``data.cache`` stores exactly this, so a cached image centre-cropped is the evaluation input.
     """
     new_size = resized_size(img.size, prep)
-    return img if new_size == img.size else img.resize(new_size, _PIL_INTERPOLATION[prep.interpolation])
+    return img if new_size == img.size else img.resize(new_size, PIL_INTERPOLATION[prep.interpolation])
 
 
 def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:

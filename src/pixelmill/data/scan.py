@@ -33,12 +33,12 @@ from typing import NamedTuple, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from pixelmill.data.choices import LAYOUTS
+from pixelmill.data.files import IMAGE_EXTENSIONS
 from pixelmill.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-LAYOUTS: tuple[str, ...] = ("auto", "split", "flat", "csv")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Every reason a file can be skipped for; reports can rely on this set.
 BAD_REASONS: tuple[str, ...] = (
@@ -299,6 +299,7 @@ def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
 
 
 _FINDERS = {"flat": _find_flat, "split": _find_split, "csv": _find_csv}
+assert set(_FINDERS) == set(_LAYOUT_HINT) == set(LAYOUTS) - {"auto"}, "data.layout choices and _FINDERS differ"
 
 
 # --------------------------------------------------------------------------- walking folders
@@ -422,7 +423,21 @@ def _check_image(data: bytes, max_pixels: int) -> str | None:
 def _png_chunk_problem(data: bytes) -> str | None:
     """Walk the PNG chunks: a chunk cut short -> "truncated", a CRC mismatch -> "corrupt".
 
-    PIL does not check the CRC of image-data chunks, so a flipped bit there can decode silently.
+    Pillow does not cover this (checked against Pillow 13, ``LOAD_TRUNCATED_IMAGES`` off).
+    ``Image.open`` checks the CRCs of the chunks before the first IDAT only, and ``load()``
+    reads the IDAT data without its CRCs and stops there. So a file with a bad IDAT CRC (a
+    flipped bit can still inflate), a bad CRC in a chunk after the image data, or a file cut
+    inside the IEND chunk decodes without an error. ``Image.verify()`` does check the IDAT
+    CRCs and the chunks after them, but:
+
+    - it stops at IEND without reading IEND's CRC, so a bad IEND CRC or a file cut inside
+      IEND passes;
+    - it reports a chunk length over 2**31 - 1 as "Truncated File Read" (here: "corrupt");
+    - it rejects a file with no IEND, which this check leaves to the decoder (such files are
+      kept today);
+    - it skips the CRC of every ancillary chunk once any code sets
+      ``ImageFile.LOAD_TRUNCATED_IMAGES``, a process-wide flag;
+    - a verified image cannot be loaded, so each PNG would be opened and parsed twice.
     """
     view, pos, end = memoryview(data), len(_PNG_SIGNATURE), len(data)
     while pos < end:

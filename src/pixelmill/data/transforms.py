@@ -15,19 +15,15 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from pixelmill.data.choices import AUTO_AUGMENTS
 from pixelmill.data.preprocess import Preprocessing, crop_origin, resize_and_crop, resized_size
-
-_INTERPOLATION = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
 _AUTO_AUGMENT: dict[str, Callable[[], v2.Transform]] = {
     "randaugment": v2.RandAugment,
     "trivialaugment": v2.TrivialAugmentWide,
     "autoaugment": v2.AutoAugment,
 }
+assert set(_AUTO_AUGMENT) == set(AUTO_AUGMENTS) - {"none"}, "data.augment.auto_augment choices and _AUTO_AUGMENT differ"
 
 
 Pixels = Union[Image.Image, torch.Tensor]  # a PIL image, or a cached (C, H, W) uint8 tensor
@@ -152,7 +148,7 @@ def eval_transform(prep: Preprocessing) -> Callable[[Pixels], torch.Tensor]:
 
 def train_transform(prep: Preprocessing, augment) -> Callable[[Pixels], torch.Tensor]:
     """Training pipeline with the augmentations named in ``data.augment``."""
-    interpolation = _INTERPOLATION[prep.interpolation]
+    interpolation = InterpolationMode(prep.interpolation)  # same names as data.interpolation
     steps: list[v2.Transform] = []
     if augment.random_resized_crop:
         steps.append(v2.RandomResizedCrop(prep.size, scale=(augment.scale_min, 1.0), interpolation=interpolation))

@@ -25,6 +25,7 @@ from pixelmill.evaluation.metrics import (
     PR_FILE,
     ROC_FILE,
 )
+from pixelmill.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,12 @@ def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
         return None
     skipped_files = data.get("skipped_files") or []
     return {
-        "kind": data.get("kind") or "image",
+        # What one sample is, from the run's task ("Samples" for runs older than summary.task).
+        "noun": (TASKS[summary["task"]].sample_noun if summary.get("task") in TASKS else "samples").capitalize(),
         "layout": data.get("layout"),
         "classes": data.get("classes") or [],
         "counts": data.get("counts") or {},
-        "skipped": data.get("skipped") or {},
+        "skipped": data.get("skipped"),  # None: the task's data has no files to skip (CSV rows)
         "skipped_files": skipped_files[:MAX_SKIPPED_LISTED],
         "skipped_more": max(0, len(skipped_files) - MAX_SKIPPED_LISTED),
     }

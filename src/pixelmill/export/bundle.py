@@ -1,6 +1,6 @@
 """The model bundle: ``bundle.json`` + model file, written and read with sha256 checks.
 
-Torch-free on purpose (stdlib + numpy only): serving reads bundles without PyTorch.
+Torch-free on purpose (stdlib, pydantic): serving reads bundles without PyTorch.
 """
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import BundleError
@@ -21,45 +24,93 @@ BUNDLE_FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """A bundle directory and its parsed ``bundle.json``."""
+class TensorInfo(BaseModel):
+    """A model input or output: its name, element type, layout and shape (-1: any batch size)."""
 
-    path: Path
-    meta: dict
+    model_config = ConfigDict(extra="allow")
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+    name: str
+    dtype: Optional[str] = None
+    layout: Optional[str] = None
+    shape: list[int] = []
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.meta["preprocessing"])
 
-    @property
-    def kind(self) -> str:
-        return str(self.meta.get("kind", "image"))
+class BundleMeta(BaseModel):
+    """``bundle.json``, typed. The task (``kind``) owns ``input``/``inputs``, ``output`` and ``preprocessing``.
 
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name", self.path.name))
+    Unknown keys are kept: a task may add its own (tabular: ``schema``).
+    """
 
-    @property
-    def model_file(self) -> Path:
-        return self.path / self.meta["model_file"]
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    @property
-    def input_name(self) -> str:
-        return str(self.meta.get("input", {}).get("name", "image"))
-
-    @property
-    def output_name(self) -> str:
-        return str(self.meta.get("output", {}).get("name", "probabilities"))
+    format: str = BUNDLE_FORMAT
+    format_version: int = BUNDLE_FORMAT_VERSION
+    kind: str  # the task that reads this bundle (pixelmill.tasks.TASKS)
+    name: Optional[str] = None
+    model_name: Optional[str] = None
+    model_file: str
+    classes: list[str]
+    input: Optional[TensorInfo] = None  # one tensor input (images)
+    inputs: Optional[list[dict[str, Any]]] = None  # one input per column (tables)
+    output: TensorInfo
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any] = {}
+    data_fingerprint: Optional[str] = None
+    run: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    created_at: Optional[str] = None
+    export: dict[str, Any] = {}
+    files: dict[str, str] = {}
 
     @property
     def model_format(self) -> str:
         """``"onnx"`` or ``"torchscript"``."""
-        return str(self.meta.get("export", {}).get("format", "onnx"))
+        return str(self.export.get("format", "onnx"))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory and its parsed ``bundle.json`` (``meta`` as written, ``info`` typed)."""
+
+    path: Path
+    meta: dict
+
+    @cached_property
+    def info(self) -> BundleMeta:
+        return BundleMeta.model_validate(self.meta)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.info.preprocessing)
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def name(self) -> str:
+        return self.info.name or self.path.name
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.info.model_file
+
+    @property
+    def input_name(self) -> str:
+        return self.info.input.name if self.info.input else ""
+
+    @property
+    def output_name(self) -> str:
+        return self.info.output.name
+
+    @property
+    def model_format(self) -> str:
+        """``"onnx"`` or ``"torchscript"``."""
+        return self.info.model_format
 
 
 def sha256_file(path: Path) -> str:
@@ -80,13 +131,7 @@ def write_bundle(out_dir: Path, meta: dict, files: list[str]) -> Bundle:
         if not path.is_file():
             raise BundleError(f"Cannot write bundle: {path} does not exist.")
         hashes[name] = sha256_file(path)
-    meta = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "kind": "image",
-        **meta,
-        "files": hashes,
-    }
+    meta = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, **meta, "files": hashes}
     meta["meta_sha256"] = _meta_digest(meta)
     write_atomic(out_dir / BUNDLE_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return Bundle(path=out_dir.resolve(), meta=meta)
@@ -109,9 +154,14 @@ def _load_meta(path: Path) -> dict[str, Any]:
             f"{meta_path} has format_version {meta.get('format_version')}; this pixelmill reads "
             f"up to {BUNDLE_FORMAT_VERSION}. Upgrade pixelmill."
         )
-    for key in ("model_file", "classes", "preprocessing", "files"):
+    for key in ("kind", "model_file", "classes", "preprocessing", "output", "files"):
         if key not in meta:
             raise BundleError(f"{meta_path} lacks the key {key!r}; export the bundle again.")
+    try:
+        BundleMeta.model_validate(meta)
+    except ValueError as exc:  # pydantic's ValidationError
+        first = str(exc).splitlines()[1:3]
+        raise BundleError(f"{meta_path} is malformed ({' '.join(first)}); export the bundle again.") from None
     return meta
 
 

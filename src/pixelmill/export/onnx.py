@@ -21,21 +21,23 @@ OUTPUT_NAME = "probabilities"
 
 
 class UInt8Classifier(nn.Module):
-    """The network as serving sees it: uint8 NHWC pixels in, class probabilities out.
+    """The network as serving sees it: uint8 NHWC pixels in, the task's head activation out.
 
-    Normalisation lives inside the graph so no client can get mean/std wrong.
+    Normalisation lives inside the graph so no client can get mean/std wrong; ``activation``
+    is the task's (single-label: softmax over classes).
     """
 
-    def __init__(self, net: nn.Module, prep: Preprocessing) -> None:
+    def __init__(self, net: nn.Module, prep: Preprocessing, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.net = net.eval()
+        self.activation = activation
         self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (N, H, W, C) uint8 -> (N, C, H, W) float
         x = (x - self.mean) / self.std
-        return torch.softmax(self.net(x).float(), dim=1)  # (N, num_classes)
+        return self.activation(self.net(x))  # (N, num_classes)
 
 
 def export_onnx(wrapper: UInt8Classifier, path: Path, sample: torch.Tensor, opset: int = OPSET) -> None:
@@ -89,9 +91,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """(N, H, W, C) uint8 -> (N, num_classes) float32 through ONNX Runtime on CPU."""
-    import onnxruntime as ort
+    from pixelmill.inference.session import open_onnx_file
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_onnx_file(path)
     return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.uint8)})[0]

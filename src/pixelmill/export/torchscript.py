@@ -1,4 +1,4 @@
-"""TorchScript export of the uint8 NHWC wrapper, and a classifier that runs it."""
+"""TorchScript export of the uint8 NHWC wrapper, and a runner over the saved file."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pixelmill.export.bundle import Bundle
 from pixelmill.export.onnx import UInt8Classifier
-from pixelmill.errors import BundleError
 
 
 def export_torchscript(wrapper: UInt8Classifier, path: Path, sample: torch.Tensor) -> None:
@@ -34,30 +32,3 @@ def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             return module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))).numpy().astype(np.float32)
 
     return run
-
-
-class TorchScriptClassifier:
-    """A bundle's ``model.pt``, with the same interface as :class:`pixelmill.inference.OnnxClassifier`."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        if not str(bundle.meta.get("model_file", "")).endswith(".pt"):
-            raise BundleError(f"bundle {bundle.path} holds {bundle.meta.get('model_file')}, not a TorchScript model")
-        self.bundle = bundle
-        self.classes = bundle.classes
-        self.preprocessing = bundle.preprocessing
-        try:
-            self.run = torchscript_runner(bundle.model_file)
-        except Exception as exc:
-            raise BundleError(f"cannot load TorchScript model {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
-
-    def prepare(self, image) -> np.ndarray:
-        from pixelmill.inference import prepare_image
-
-        return prepare_image(image, self.preprocessing)
-
-    def predict(self, images: list, top_k: int = 5):
-        from pixelmill.inference import to_predictions
-
-        if not images:
-            return []
-        return to_predictions(self.run(np.stack([self.prepare(i) for i in images])), self.classes, top_k)

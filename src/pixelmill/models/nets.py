@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixelmill.config.schema import ACTIVATIONS
+
 __all__ = [
     "MLP", "ConvNet", "is_model", "list_nets", "mlp", "model_entrypoint", "register_model", "small_cnn",
     "tabular_nets", "xray_cnn",
@@ -173,6 +175,7 @@ def xray_cnn(num_classes: int = 2, in_chans: int = 3, drop_rate: float = 0.5, **
 
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+assert tuple(_ACTIVATIONS) == ACTIVATIONS, "model.activation choices and _ACTIVATIONS differ"
 
 
 class MLP(nn.Module):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixelmill import __version__
 from pixelmill.serving.engine import Engine, EngineStopped, Overloaded
-from pixelmill.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestContextMiddleware
+from pixelmill.serving.middleware import LIVENESS, BearerAuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestContextMiddleware
 from pixelmill.serving.routes import health, metrics, predict, v2
 from pixelmill.serving.settings import ServeSettings, available_cpus
 from pixelmill.serving.telemetry import ServingMetrics
@@ -42,6 +44,30 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStopped)
     async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "1"})
+
+
+def _declare_bearer_auth(app: FastAPI, exempt: frozenset[str] = frozenset({LIVENESS})) -> None:
+    """Show the bearer token in ``/openapi.json`` (and the Authorize button of ``/docs``).
+
+    Only declared here: ``BearerAuthMiddleware`` enforces it, on every path (``/docs``,
+    ``/openapi.json`` and unknown paths too) with its own 401 body. The schema gets FastAPI's
+    ``HTTPBearer`` security scheme, required by every operation but ``exempt`` (liveness).
+    """
+    bearer = HTTPBearer(description="The server's `PIXELMILL_API_TOKEN`: `Authorization: Bearer <token>`.", auto_error=False)
+    build = app.openapi  # FastAPI's generator, which caches the schema on app.openapi_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes[bearer.scheme_name] = jsonable_encoder(bearer.model, by_alias=True, exclude_none=True)
+            for path, item in schema.get("paths", {}).items():
+                if path not in exempt:
+                    for operation in item.values():
+                        operation["security"] = [{bearer.scheme_name: []}]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -87,6 +113,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_token is not None and settings.api_token.get_secret_value():
         app.add_middleware(BearerAuthMiddleware, token=settings.api_token.get_secret_value())
+        _declare_bearer_auth(app)
     if settings.rate_limit > 0:
         app.add_middleware(RateLimitMiddleware, rate=settings.rate_limit, burst=settings.rate_burst)
     app.add_middleware(RequestContextMiddleware, metrics=telemetry)

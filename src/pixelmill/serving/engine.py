@@ -15,16 +15,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from pixelmill.errors import BundleError
 from pixelmill.export.bundle import Bundle, read_bundle
-from pixelmill.inference import OnnxClassifier
-from pixelmill.tabular_inference import OnnxTabularClassifier
 from pixelmill.serving.settings import ServeSettings
 from pixelmill.serving.telemetry import ServingMetrics
+from pixelmill.tasks import TASKS
+from pixelmill.tasks.base import join_along_batch, split_along_batch
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class EngineStopped(Exception):
 
 @dataclass
 class _Job:
-    images: np.ndarray  # (n, H, W, C) uint8
+    images: np.ndarray  # one request's inputs: (n, H, W, C) uint8 images, (n,) table rows, ...
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -54,10 +54,15 @@ class DynamicBatcher:
         max_delay_ms: float = 5.0,
         max_queue: int = 2048,
         metrics: ServingMetrics | None = None,
+        join: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None,
+        split: Callable[[Any, Sequence[int]], list[Any]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._run = run
+        # How requests' inputs become one batch and its outputs go back: the task's (default: along axis 0).
+        self._join = join or join_along_batch
+        self._split = split or split_along_batch
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -119,7 +124,7 @@ class DynamicBatcher:
             for job in jobs:
                 job.future.cancel()
             raise
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else self._join(parts)
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:
@@ -163,9 +168,9 @@ class DynamicBatcher:
             if not jobs:
                 continue
             start = time.perf_counter()
-            batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])  # (B, H, W, C)
+            batch = self._join([job.images for job in jobs])  # (B, ...)
             try:
-                probs = await loop.run_in_executor(self._executor, self._run, batch)  # (B, num_classes)
+                outputs = await loop.run_in_executor(self._executor, self._run, batch)  # (B, ...)
             except Exception as exc:  # a model failure is the server's fault: every waiter gets it
                 log.exception("inference failed on a batch of %d images", len(batch))
                 for job in jobs:
@@ -173,12 +178,9 @@ class DynamicBatcher:
                         job.future.set_exception(exc)
                 continue
             self._observe(jobs, start, time.perf_counter(), len(batch))
-            offset = 0
-            for job in jobs:
-                n = len(job.images)
+            for job, part in zip(jobs, self._split(outputs, [len(job.images) for job in jobs])):
                 if not job.future.done():
-                    job.future.set_result(probs[offset : offset + n])
-                offset += n
+                    job.future.set_result(part)
 
     def _observe(self, jobs: list[_Job], start: float, end: float, size: int) -> None:
         if self.metrics is None:
@@ -192,45 +194,43 @@ class DynamicBatcher:
 
 def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
     """A bundle directory, a run directory (its bundle/) or a ``models:/`` URI -> a local bundle directory."""
-    from pixelmill.registry import resolve_model  # mlflow itself is imported only for models:/ URIs
+    from pixelmill.model_registry import resolve_model  # mlflow itself is imported only for models:/ URIs
 
     return Path(resolve_model(model, tracking_uri=tracking_uri))
-
-
-# bundle kind -> the ONNX Runtime classifier that runs it (both torch-free).
-CLASSIFIERS = {"image": OnnxClassifier, "tabular": OnnxTabularClassifier}
 
 
 def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
     """Resolve, read and verify a bundle; refuse one this server cannot run (BundleError)."""
     bundle = read_bundle(resolve_bundle_path(model, tracking_uri), verify=True)
-    if bundle.kind not in CLASSIFIERS:
-        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves {' and '.join(CLASSIFIERS)} bundles")
+    if bundle.kind not in TASKS:
+        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves {' and '.join(TASKS)} bundles")
     if bundle.model_format != "onnx":
         raise BundleError(f"bundle {bundle.path} holds a {bundle.model_format} model; serve an ONNX export (`pixelmill export RUN_DIR`)")
     return bundle
 
 
 class Engine:
-    """A verified bundle, its ONNX Runtime session and the batcher in front of it."""
+    """A verified bundle, its task's ONNX Runtime model and the batcher in front of it."""
 
-    def __init__(self, bundle: Bundle, classifier: OnnxClassifier | OnnxTabularClassifier, batcher: DynamicBatcher, version: str = "1") -> None:
+    def __init__(self, bundle: Bundle, classifier: Any, batcher: DynamicBatcher, version: str = "1") -> None:
         self.bundle = bundle
+        self.task = TASKS[bundle.kind]
+        self.codec = self.task.serving()  # how the routes read requests and write answers for this task
         self.classifier = classifier
         self.batcher = batcher
         self.version = version
-        if bundle.kind == "tabular":
-            self.input_shape: tuple[int, ...] = (len(classifier.schema.columns),)  # columns of one row
-        else:
-            size, channels = bundle.preprocessing.size, bundle.preprocessing.channels
-            self.input_shape = (size, size, channels)  # (H, W, C) of one image
+        self.input_shape: tuple[int, ...] = classifier.input_shape  # one input: (H, W, C) of an image, columns of a row
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
         """Read and verify the bundle, open the ORT session. Raises BundleError on a bad bundle."""
         bundle = load_bundle(settings.model, settings.tracking_uri)
-        classifier = CLASSIFIERS[bundle.kind](bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
-        batcher = DynamicBatcher(classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics)
+        task = TASKS[bundle.kind]
+        classifier = task.runtime(bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
+        batcher = DynamicBatcher(
+            classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics,
+            join=task.join_inputs, split=task.split_outputs,
+        )
         return cls(bundle, classifier, batcher, settings.model_version)
 
     @property
@@ -243,17 +243,13 @@ class Engine:
 
     async def start(self) -> None:
         """Warm the session up (first-call allocations) and start batching."""
-        if self.bundle.kind == "tabular":
-            warmup = self.classifier.example_rows(1)  # (1,) structured row, every column missing
-        else:
-            warmup = np.zeros((1, *self.input_shape), np.uint8)
-        await self.batcher.run_now(warmup)
+        await self.batcher.run_now(self.classifier.warmup_batch())
         await self.batcher.start()
         log.info("serving %s (%d classes, input %s) from %s", self.bundle.name, len(self.classes), self.input_shape, self.bundle.path)
 
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    async def infer(self, images: np.ndarray) -> np.ndarray:
-        """(n, H, W, C) uint8 images, or (n,) structured table rows -> (n, num_classes) float32 probabilities."""
-        return await self.batcher.submit(images)
+    async def infer(self, inputs: np.ndarray) -> np.ndarray:
+        """One request's inputs ((n, H, W, C) uint8 images, (n,) table rows) -> its (n, ...) outputs, batched with others."""
+        return await self.batcher.submit(inputs)

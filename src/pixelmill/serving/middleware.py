@@ -173,7 +173,11 @@ class RateLimitMiddleware:
 
 
 class BearerAuthMiddleware:
-    """401 unless ``Authorization: Bearer <token>`` matches; liveness stays open for probes."""
+    """401 unless ``Authorization: Bearer <token>`` matches; liveness stays open for probes.
+
+    Enforced here, for every path (routes, ``/docs``, ``/openapi.json``, unknown paths) with one
+    ``{"error": ...}`` body; ``/openapi.json`` declares it as an HTTP bearer scheme (``app.py``).
+    """
 
     def __init__(self, app: ASGIApp, token: str, exempt: frozenset[str] = frozenset({LIVENESS})) -> None:
         self.app = app

@@ -82,7 +82,7 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     versions: dict[str, Any]
     sha256: Optional[str] = None
-    kind: str = "image"
+    kind: str = Field(description="The task that made the model (data.kind): image, tabular, ...")
     inputs: Optional[list[dict[str, Any]]] = Field(None, description="Tabular models: one named input per column.")
     table_schema: Optional[dict[str, Any]] = Field(
         None, serialization_alias="schema", description="Tabular models: the run's schema.json (columns, types, categories, classes)."

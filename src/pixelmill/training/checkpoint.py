@@ -14,7 +14,6 @@ from torch import nn
 from pixelmill.errors import ModelError, RunError
 from pixelmill.runs import pid_alive
 
-
 PARTIAL_SAVE = ".{name}.tmp-{pid}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelmill import runs
 from pixelmill.config import flatten, load_saved, parse_override, to_yaml, validate
-from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import ConfigError, DataError, RunError
+from pixelmill.tasks import Task, task_for_config
 from pixelmill.tracking import check_trackers
 
 log = logging.getLogger(__name__)
@@ -35,83 +36,6 @@ class RunResult:
     best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     test_metrics: dict[str, Any] | None = None
-
-
-def resolve_preprocessing(cfg: DictConfig, net) -> Preprocessing:
-    """The model's preprocessing (timm ``pretrained_cfg`` style), with config overrides applied."""
-    from pixelmill.models import model_data_config
-
-    defaults = model_data_config(net, cfg.model.name)
-    interpolation = cfg.data.interpolation or defaults.get("interpolation", "bilinear")
-    return Preprocessing(
-        channels=cfg.model.in_chans,
-        size=int(cfg.data.image_size or defaults["input_size"][-1]),
-        crop_pct=float(cfg.data.crop_pct or defaults.get("crop_pct", 1.0)),
-        interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
-        mean=tuple(defaults["mean"]),
-        std=tuple(defaults["std"]),
-    )
-
-
-def class_weights(counts: list[int]) -> list[float]:
-    """``n / (C * count)`` per class: the 'balanced' weighting of scikit-learn."""
-    total, n = sum(counts), len(counts)
-    return [total / (n * max(c, 1)) for c in counts]
-
-
-def _scan(cfg: DictConfig, run_dir: Path | None = None):
-    """The run's data: a verified image scan, or CSV rows (typed by ``run_dir``'s saved schema when given)."""
-    if cfg.data.kind == "tabular":
-        from pixelmill.data.tabular import load_tabular
-        from pixelmill.data.tabular_preprocess import read_schema
-
-        return load_tabular(cfg.data, cfg.seed, schema=read_schema(run_dir) if run_dir else None)
-    from pixelmill.data.scan import scan_images
-
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set; pass data.path=DIR (one sub-folder per class) or a CSV manifest")
-    scan = scan_images(
-        cfg.data.path, layout=cfg.data.layout, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed
-    )
-    if not scan.splits.get("val"):
-        raise DataError("no validation images: add a val/ folder or set data.val_ratio above 0")
-    return scan
-
-
-def _build_net(cfg: DictConfig, num_classes: int, fresh: bool = False, in_features: int | None = None):
-    """The network; tabular runs pass ``in_features`` (the preprocessor's output width)."""
-    from pixelmill.models import create_model
-    from pixelmill.models.nets import tabular_nets
-
-    takes_rows = cfg.model.name.removeprefix("pixelmill:") in tabular_nets()
-    if cfg.data.kind == "tabular" and not takes_rows:
-        raise ConfigError(f"data.kind=tabular needs a model for table rows; set model.name to one of: {', '.join(tabular_nets())}")
-    if cfg.data.kind != "tabular" and takes_rows:
-        raise ConfigError(f"model '{cfg.model.name}' takes table rows, not images; set data.kind=tabular or pick an image model")
-    rows = {} if in_features is None else {
-        "in_features": in_features, "hidden_sizes": list(cfg.model.hidden_sizes), "activation": cfg.model.activation
-    }
-    return create_model(
-        cfg.model.name,
-        num_classes,
-        pretrained=cfg.model.pretrained and not fresh,
-        weights=None if fresh else cfg.model.weights,
-        in_chans=cfg.model.in_chans,
-        drop_rate=cfg.model.drop_rate,
-        freeze_backbone=cfg.model.freeze_backbone,
-        **rows,
-    )
-
-
-def _net_and_prep(cfg: DictConfig, data) -> tuple[Any, Any]:
-    """A new network and its preprocessing: an image net dictates its input; CSV rows fit a transformer first."""
-    if cfg.data.kind == "tabular":
-        from pixelmill.data.tabular_preprocess import TabularPreprocessor
-
-        prep = TabularPreprocessor.fit(data)  # on the training split only
-        return _build_net(cfg, len(data.classes), in_features=prep.n_features), prep
-    net = _build_net(cfg, len(data.classes))
-    return net, resolve_preprocessing(cfg, net)
 
 
 def _new_run_dir(cfg: DictConfig) -> Path:
@@ -138,26 +62,28 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         return resume(cfg.resume)
     from lightning import seed_everything
 
-    from pixelmill.models.registry import resolve_model_name
+    from pixelmill.models.factory import resolve_model_name
 
     started = time.time()
+    task = task_for_config(cfg)
     resolve_model_name(cfg.model.name)  # an unknown model fails before the data is scanned
-    scan = _scan(cfg)
+    task.check_model(cfg)
+    scan = task.load_data(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
-    net, prep = _net_and_prep(cfg, scan)
+    net, prep = task.new_model(cfg, scan)
     if global_rank() != 0:
-        return _fit(cfg, _shared_run_dir(cfg), scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
+        return _fit(cfg, task, _shared_run_dir(cfg), scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
     check_trackers(cfg)
     run_dir = _new_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
-    if cfg.data.kind == "tabular":
-        prep.save(run_dir)  # schema.json + preprocessor.joblib, read back by resume, evaluate and export
+    task.save_preprocessing(run_dir, prep)
     runs.update_summary(
         run_dir,
         run_name=run_dir.name,
         experiment=cfg.experiment,
         model=cfg.model.name,
+        task=task.name,
         status="created",
         created_at=runs.now_iso(),
         classes=scan.classes,
@@ -166,7 +92,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         versions=runs.versions("torch", "lightning", "timm"),
         durations={"scan_s": round(time.time() - started, 3)},
     )
-    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
+    return _fit(cfg, task, run_dir, scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
 
 
 def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
@@ -179,20 +105,14 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
         OmegaConf.update(cfg, key, value)
     validate(cfg)
     ckpt = runs.checkpoint_path(run_dir, "last")
-    summary = runs.read_summary(run_dir)
-    scan = _scan(cfg, run_dir)
-    if scan.fingerprint != summary.get("data", {}).get("fingerprint"):
+    summary = runs.load_summary(run_dir)
+    task = task_for_config(cfg)
+    scan = task.load_data(cfg, run_dir)
+    if scan.fingerprint != summary.fingerprint:
         log.warning("the data under %s changed since this run started; resuming on the files as they are now", cfg.data.path)
-    if scan.classes != summary.get("classes"):
-        raise DataError(f"the classes changed since this run started ({summary.get('classes')} -> {scan.classes}); start a new run")
-    if cfg.data.kind == "tabular":
-        from pixelmill.data.tabular_preprocess import TabularPreprocessor
-
-        prep = TabularPreprocessor.load(run_dir)
-        net = _build_net(cfg, len(scan.classes), fresh=True, in_features=prep.n_features)
-    else:
-        net = _build_net(cfg, len(scan.classes), fresh=True)
-        prep = Preprocessing.from_dict(summary["preprocessing"])
+    if scan.classes != summary.classes:
+        raise DataError(f"the classes changed since this run started ({summary.classes} -> {scan.classes}); start a new run")
+    net, prep = task.saved_model(cfg, summary, run_dir)
     if global_rank() == 0:
         from pixelmill.training.checkpoint import remove_partial_saves
 
@@ -200,7 +120,7 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
         for partial in remove_partial_saves(run_dir / runs.CHECKPOINTS):
             log.info("removed %s, a checkpoint save the stopped run did not finish", partial.name)
     log.info("resuming %s from %s", run_dir, ckpt)
-    return _fit(cfg, run_dir, scan, net, prep, ckpt_path=ckpt)
+    return _fit(cfg, task, run_dir, scan, net, prep, ckpt_path=ckpt)
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
@@ -239,28 +159,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     return callbacks
 
 
-def _module(cfg: DictConfig, net, scan):
-    from pixelmill.training.module import ClassificationModule
-
-    counts = [scan.class_counts("train").get(c, 0) for c in scan.classes]
-    return ClassificationModule(
-        net,
-        num_classes=len(scan.classes),
-        optim=OmegaConf.to_container(cfg.optim),
-        scheduler=OmegaConf.to_container(cfg.scheduler),
-        monitor=cfg.trainer.monitor,
-        mode=cfg.trainer.mode,
-        class_weights=class_weights(counts) if cfg.model.class_weights == "auto" else None,
-        label_smoothing=cfg.model.label_smoothing,
-        mixup_alpha=cfg.data.augment.mixup_alpha,
-        cutmix_alpha=cfg.data.augment.cutmix_alpha,
-        seed=cfg.seed,
-    )
-
-
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
     import lightning as L
-
     import torch
 
     from pixelmill.training.checkpoint import AtomicCheckpointIO
@@ -337,35 +237,25 @@ def _distributed(cfg: DictConfig) -> bool:
     return "ddp" in str(t.strategy) or t.num_nodes > 1 or str(t.devices) not in ("1", "auto") or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class _NoLog:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _fit(
-    cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing, ckpt_path: Path | None, extra_callbacks: list | None = None
+    cfg: DictConfig, task: Task, run_dir: Path, scan, net, prep, ckpt_path: Path | None, extra_callbacks: list | None = None
 ) -> RunResult:
     """Fit, then (rank 0 only) evaluate, report and close the trackers. Only rank 0 writes."""
     import lightning as L
 
     from pixelmill import tracking
-    from pixelmill.data.datamodule import ImageDataModule, TabularDataModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rank0 = global_rank() == 0
-    summary = runs.read_summary(run_dir)
-    with _RunLog(run_dir) if rank0 else _NoLog():
-        loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.get("trackers")) if rank0 else []
+    summary = runs.load_summary(run_dir)
+    with _RunLog(run_dir) if rank0 else nullcontext():
+        loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.trackers) if rank0 else []
         if rank0 and ckpt_path is None:  # a resumed run has its params and tags already
-            tags = tracking.run_tags(summary.get("data", {}).get("fingerprint"), summary.get("versions", {}))
+            tags = tracking.run_tags(summary.fingerprint, summary.versions)
             tracking.log_start(loggers, flatten(cfg), tags)
         callbacks = _callbacks(cfg, run_dir) + list(extra_callbacks or [])
         trainer = _trainer(cfg, run_dir, callbacks, loggers)
-        datamodule_cls = {"image": ImageDataModule, "tabular": TabularDataModule}[cfg.data.kind]
-        datamodule = datamodule_cls(scan, prep, cfg.data, cfg.seed)
+        datamodule = task.datamodule(cfg, scan, prep)
         if rank0:
             runs.update_summary(run_dir, status="running", pid=os.getpid(), started_at=runs.now_iso(), trackers=tracking.tracker_ids(loggers))
         fit_start = time.time()
@@ -373,7 +263,7 @@ def _fit(
         if not _distributed(cfg):
             stopper.install()  # from now on; Lightning's SIGTERM handling would stop mid-epoch
         try:
-            trainer.fit(_module(cfg, net, scan), datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            trainer.fit(task.lightning_module(cfg, net, scan), datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
             # Ctrl+C twice (Lightning exits with SystemExit) is an interruption, not a failure.
             status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -388,22 +278,22 @@ def _fit(
         best = history.best(cfg.trainer.monitor, cfg.trainer.mode)
         result = RunResult(run_dir, status, int(best["epoch"]) if best else None, best or {})
         if rank0 and trainer.is_global_zero:
-            result.test_metrics = _finish_run(cfg, run_dir, scan, net, prep, result, time.time() - fit_start, loggers)
+            result.test_metrics = _finish_run(cfg, task, run_dir, scan, net, prep, result, time.time() - fit_start, loggers)
     return result
 
 
-def _finish_run(cfg: DictConfig, run_dir: Path, scan, net, prep, result: RunResult, fit_s: float, loggers: list):
+def _finish_run(cfg: DictConfig, task: Task, run_dir: Path, scan, net, prep, result: RunResult, fit_s: float, loggers: list):
     """Summary, final evaluation, report and tracker artifacts for a run that stopped cleanly."""
     from pixelmill import tracking
     from pixelmill.evaluation.report import write_report
 
+    summary = runs.load_summary(run_dir)
     if result.status == "interrupted":
-        epochs = runs.read_summary(run_dir).get("epochs_completed", 0)
-        log.warning("stopped after %d epoch(s); continue with: pixelmill train resume=%s", epochs, run_dir)
-    durations = {**runs.read_summary(run_dir).get("durations", {}), "fit_s": round(fit_s, 3)}
+        log.warning("stopped after %d epoch(s); continue with: pixelmill train resume=%s", summary.epochs_completed, run_dir)
+    durations = {**summary.durations, "fit_s": round(fit_s, 3)}
     best = result.best_metrics
     runs.update_summary(run_dir, best={"epoch": result.best_epoch, "metrics": best} if best else None, durations=durations)
-    test_metrics = _evaluate_after_fit(cfg, run_dir, scan, net, prep) if result.status == "finished" else None
+    test_metrics = _evaluate_after_fit(cfg, task, run_dir, scan, net, prep) if result.status == "finished" else None
     runs.update_summary(run_dir, status=result.status, finished_at=runs.now_iso(), pid=None)
     write_report(run_dir)
     tracking.log_artifacts(loggers, run_dir)
@@ -411,12 +301,11 @@ def _finish_run(cfg: DictConfig, run_dir: Path, scan, net, prep, result: RunResu
     return test_metrics
 
 
-def _evaluate_after_fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preprocessing) -> dict[str, Any] | None:
-    """Evaluate the best checkpoint on each split in ``eval.splits`` that has images.
+def _evaluate_after_fit(cfg: DictConfig, task: Task, run_dir: Path, scan, net, prep) -> dict[str, Any] | None:
+    """Evaluate the best checkpoint on each split in ``eval.splits`` that has samples.
 
     Returns the test metrics (or those of the last split evaluated), None when nothing ran.
     """
-    from pixelmill.evaluation.evaluate import evaluate_loaded
     from pixelmill.training.checkpoint import load_net
 
     splits = [s for s in cfg.eval.splits if scan.splits.get(s)]
@@ -424,5 +313,5 @@ def _evaluate_after_fit(cfg: DictConfig, run_dir: Path, scan, net, prep: Preproc
         log.info("no split to evaluate (eval.splits=%s)", list(cfg.eval.splits))
         return None
     load_net(net, runs.checkpoint_path(run_dir, "best"))
-    results = {s: evaluate_loaded(run_dir, net, scan, prep, s, list(cfg.eval.top_k), cfg.data) for s in splits}
+    results = {s: task.evaluate(run_dir, net, scan, prep, s, cfg) for s in splits}
     return results.get("test", results[splits[-1]])

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from pixelmill.config.schema import OPTIMIZERS, SCHEDULERS
 from pixelmill.data.transforms import batch_mix
 
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -20,6 +21,7 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda p, c: torch.optim.AdamW(p, lr=c["lr"], weight_decay=c["weight_decay"]),
     "rmsprop": lambda p, c: torch.optim.RMSprop(p, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"]),
 }
+assert tuple(_OPTIMIZERS) == OPTIMIZERS, "optim.name choices (config/schema.py) and _OPTIMIZERS differ"
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float) -> Callable[[int], float]:
@@ -46,6 +48,7 @@ class ClassificationModule(L.LightningModule):
         num_classes: int,
         optim: dict[str, Any],
         scheduler: dict[str, Any],
+        activation: Callable[[torch.Tensor], torch.Tensor],
         monitor: str = "val/acc",
         mode: str = "max",
         class_weights: list[float] | None = None,
@@ -55,8 +58,10 @@ class ClassificationModule(L.LightningModule):
         seed: int = 42,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)  # trackers get the full config instead
+        # Trackers get the full config instead; the activation is code, not a hyper-parameter.
+        self.save_hyperparameters(ignore=["net", "activation"], logger=False)
         self.net = net
+        self.activation = activation  # the task's head (single-label: softmax)
         self.mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
@@ -116,7 +121,7 @@ class ClassificationModule(L.LightningModule):
         self.log("val/f1_macro", self.val_f1, on_epoch=True, batch_size=len(y), logger=False)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return torch.softmax(self(batch[0]).float(), dim=1)
+        return self.activation(self(batch[0]))  # the task's head: (N, C) logits -> probabilities
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -136,9 +141,11 @@ class ClassificationModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         if name == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.optim["lr"], total_steps=total)
-        else:  # cosine, with optional linear warm-up
+        elif name == "cosine":  # with optional linear warm-up
             steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs))
             min_factor = sched["min_lr"] / self.hparams.optim["lr"]
             fn = warmup_cosine(sched["warmup_epochs"] * steps_per_epoch, total, min_factor)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        else:
+            raise ValueError(f"Invalid scheduler {name!r}. Only {', '.join(SCHEDULERS)} are supported.")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

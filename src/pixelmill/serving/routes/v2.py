@@ -14,8 +14,7 @@ from pixelmill import __version__
 from pixelmill.serving.engine import Engine
 from pixelmill.serving.routes import ERRORS, engine_of, settings_of
 from pixelmill.serving.schemas import InferRequest, InferResponse, ModelMetadata, ReadyResponse, ServerMetadata, TensorSpec, inline_schema
-from pixelmill.serving.tabular import infer_rows, metadata_inputs
-from pixelmill.serving.tensors import HEADER_LENGTH, encode_response, input_batch, output_requests, parse_request, split_body
+from pixelmill.serving.tensors import HEADER_LENGTH, encode_response, output_requests, parse_request, split_body
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -51,9 +50,8 @@ def _metadata(engine: Engine) -> ModelMetadata:
         name=engine.bundle.name,
         versions=[engine.version],
         platform="onnxruntime_onnx",
-        inputs=metadata_inputs(engine.classifier.schema) if engine.bundle.kind == "tabular"
-        else [TensorSpec(name=engine.bundle.input_name, datatype="UINT8", shape=[-1, *engine.input_shape])],
-        outputs=[TensorSpec(name=engine.bundle.output_name, datatype="FP32", shape=[-1, len(engine.classes)])],
+        inputs=engine.codec.v2_inputs(engine),
+        outputs=[TensorSpec(name=engine.bundle.output_name, datatype="FP32", shape=engine.bundle.info.output.shape)],  # the task's output contract
     )
 
 
@@ -90,9 +88,7 @@ async def model_config(name: str, request: Request) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "max_batch_size": settings.max_infer_batch,
-        "input": [{"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}", "dims": [1]} for t in metadata_inputs(engine.classifier.schema)]
-        if engine.bundle.kind == "tabular"
-        else [{"name": engine.bundle.input_name, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": list(engine.input_shape)}],
+        "input": engine.codec.v2_config_inputs(engine),
         "output": [{"name": engine.bundle.output_name, "data_type": "TYPE_FP32", "dims": [len(engine.classes)]}],
         "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size], "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)},
     }
@@ -106,10 +102,7 @@ async def _infer(request: Request, engine: Engine) -> Response:
     header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     infer_request = parse_request(header)
     outputs = output_requests(infer_request, engine.bundle.output_name)
-    if engine.bundle.kind == "tabular":  # one named input per column -> (N,) structured rows
-        batch = infer_rows(infer_request, binary, engine.classifier.schema, settings.max_infer_batch)
-    else:
-        batch = input_batch(infer_request, binary, engine.bundle.input_name, engine.input_shape, settings.max_infer_batch)  # (N, H, W, C)
+    batch = engine.codec.v2_batch(infer_request, binary, engine, settings.max_infer_batch)  # images (N, H, W, C), table rows (N,)
     request.state.images = len(batch)
     probs = await engine.infer(batch)  # (N, num_classes)
     body, header_length = encode_response(engine.bundle.name, engine.version, infer_request.id, probs, engine.classes, outputs)

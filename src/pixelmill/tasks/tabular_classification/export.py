@@ -10,19 +10,25 @@ scikit-learn + eager PyTorch exactly as the image export must agree with PyTorch
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from pixelmill import runs
+from pixelmill.data.tabular_preprocess import read_schema_file
 from pixelmill.errors import BundleError, ConfigError, DataError
 from pixelmill.export.bundle import Bundle, read_bundle, write_bundle
-from pixelmill.tabular_inference import TabularSchemaView, feeds, rows_from_frame
+from pixelmill.export.parity import agreement, verdict
+from pixelmill.export.writer import run_meta, staged
+from pixelmill.inference.session import open_onnx_file
+from pixelmill.runs import LoadedRun
+from pixelmill.tasks.classification import softmax
+from pixelmill.tasks.tabular_classification.data import load_rows
+from pixelmill.tasks.tabular_classification.runtime import TabularSchemaView, feeds, rows_from_frame
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,8 @@ def preprocessor_onnx(prep, opset: int):
 
 
 def network_onnx(net, n_features: int, opset: int, path: Path):
-    """The MLP plus softmax as ONNX: ``features`` (N, F) float32 -> ``probabilities``, dynamic batch."""
+    """The MLP plus its softmax head as ONNX: ``features`` (N, F) float32 -> ``probabilities``, dynamic batch."""
     import onnx
-    import torch
-    from torch import nn
 
     class Probabilities(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
@@ -55,7 +59,7 @@ def network_onnx(net, n_features: int, opset: int, path: Path):
             self.net = inner.eval()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(self.net(x).float(), dim=1)  # (N, F) features -> (N, num_classes)
+            return softmax(self.net(x))  # (N, F) features -> (N, num_classes)
 
     sample = torch.zeros(2, n_features)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -87,12 +91,10 @@ def merge(pre, net_model, opset: int):
     return merged
 
 
-def check_rows(cfg, run_dir: Path, prep, limit: int = 256):
+def check_rows(cfg: Any, run_dir: Path, limit: int = 256):
     """Up to ``limit`` typed rows of the run's test split (else val), spread over the split."""
-    from pixelmill.training.fit import _scan
-
     try:
-        data = _scan(cfg, run_dir)
+        data = load_rows(cfg, run_dir)
     except (DataError, ConfigError, OSError) as exc:
         raise BundleError(f"cannot read the data of '{run_dir}' to check the export against ({exc}); restore its data.path") from None
     split = next((s for s in ("test", "val") if len(data.frames.get(s, ())) > 0), None)
@@ -103,86 +105,41 @@ def check_rows(cfg, run_dir: Path, prep, limit: int = 256):
     return frame.iloc[::step].iloc[:limit].reset_index(drop=True)
 
 
-def _reference(net, prep, frame) -> np.ndarray:
+def reference(net: nn.Module, prep, frame) -> np.ndarray:
     """scikit-learn transform + eager PyTorch: what evaluation computed."""
-    import torch
-
     with torch.inference_mode():
-        return torch.softmax(net.eval()(torch.from_numpy(prep.transform(frame))).float(), dim=1).numpy()
+        return softmax(net.eval()(torch.from_numpy(prep.transform(frame)))).numpy()
 
 
-def _load(run_dir: Path, checkpoint: str):
-    from pixelmill.config import load_saved
-    from pixelmill.data.tabular_preprocess import TabularPreprocessor, read_schema_file
-    from pixelmill.training.checkpoint import load_net
-    from pixelmill.training.fit import _build_net
-
-    cfg = load_saved(run_dir / runs.CONFIG)
-    prep = TabularPreprocessor.load(run_dir)  # checks preprocessor.joblib against schema.json
-    net = _build_net(cfg, len(prep.schema.classes), fresh=True, in_features=prep.n_features)
-    ckpt = runs.checkpoint_path(run_dir, checkpoint)
-    load_net(net, ckpt)
-    return cfg, prep, net.eval(), read_schema_file(run_dir)
-
-
-def _meta(run_dir: Path, summary: dict, cfg, schema_doc: dict, view: TabularSchemaView, name: str | None, checkpoint: str) -> dict[str, Any]:
-    run_name = summary.get("run_name", run_dir.name)
-    return {
-        "kind": "tabular",
-        "name": name or f"{summary.get('experiment', cfg.experiment)}-{run_name}",
-        "model_name": cfg.model.name,
-        "model_file": "model.onnx",
-        "classes": list(schema_doc["classes"]),
-        "inputs": view.inputs(),
-        "output": {"name": OUTPUT_NAME, "shape": [-1, len(schema_doc["classes"])]},
-        "schema": schema_doc,
-        "preprocessing": summary.get("preprocessing", {"kind": "tabular"}),
-        "metrics": {"eval": summary.get("eval", {}), "best": summary.get("best")},
-        "data_fingerprint": summary.get("data", {}).get("fingerprint"),
-        "run": {"run_dir": str(run_dir.resolve()), "run_name": run_name, "checkpoint": checkpoint},
-        "versions": runs.versions("torch", "onnx", "onnxruntime", "sklearn", "skl2onnx"),
-        "created_at": runs.now_iso(),
-    }
-
-
-def export_tabular_run(
-    run_dir: Path, checkpoint: str = "best", out: str | Path | None = None, max_rows: int = 256,
-    opset: int = 17, name: str | None = None,
-) -> Bundle:
+def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Bundle:
     """Export a tabular run to a checked ONNX bundle (see the module docstring); BundleError when it disagrees."""
     import onnx
-    import onnxruntime as ort
 
-    from pixelmill.export import _move_into_place, agreement, default_out, verdict
-
-    summary = runs.read_summary(run_dir)
-    cfg, prep, net, schema_doc = _load(run_dir, checkpoint)
+    prep, opset = run.preprocessing, options["opset"]
+    schema_doc = read_schema_file(run.run_dir)
     view = TabularSchemaView(schema_doc)
-    frame = check_rows(cfg, run_dir, prep, max_rows)
-    reference = _reference(net, prep, frame)
-
-    out = Path(out) if out else default_out(run_dir, "onnx", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
-    work.mkdir()
-    try:
-        net_model = network_onnx(net, prep.n_features, opset, work / "net.onnx")
+    frame = check_rows(run.config, run.run_dir, max(options["max_images"], 256))
+    expected = reference(run.net, prep, frame)
+    with staged(out) as work:
+        net_model = network_onnx(run.net, prep.n_features, opset, work / "net.onnx")
         (work / "net.onnx").unlink()
         onnx.save(merge(preprocessor_onnx(prep, opset), net_model, opset), str(work / "model.onnx"))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(work / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        session = open_onnx_file(work / "model.onnx")
         (exported,) = session.run([OUTPUT_NAME], feeds(rows_from_frame(frame, view), view))
-        figures = agreement(reference, exported)
-        reason = verdict(figures, None, 1.0)
+        figures = agreement(expected, exported)
+        reason = verdict(figures, None, 1.0, noun="rows")
         if reason:
-            raise BundleError(f"refusing to write a bundle for '{run_dir}': {reason.replace('images', 'rows')}")
-        meta = _meta(run_dir, summary, cfg, schema_doc, view, name, checkpoint)
-        meta["export"] = {"format": "onnx", "opset": opset, "quantize": None, "reference": "scikit-learn + PyTorch", **figures}
+            raise BundleError(f"refusing to write a bundle for '{run.run_dir}': {reason}")
+        meta = run_meta(run, options.get("name"), "model.onnx", runs.versions("torch", "onnx", "onnxruntime", "sklearn", "skl2onnx"))
+        meta |= {
+            "classes": list(schema_doc["classes"]),
+            "inputs": view.inputs(),
+            "output": {"name": OUTPUT_NAME, "shape": [-1, len(schema_doc["classes"])]},
+            "schema": schema_doc,
+            "preprocessing": run.summary.preprocessing,
+            "export": {"format": "onnx", "opset": opset, "quantize": None, "reference": "scikit-learn + PyTorch", **figures},
+        }
         write_bundle(work, meta, ["model.onnx"])
-        _move_into_place(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s: top-1 agreement %.2f%%, max |diff| %.2e on %d rows",
              out, 100 * figures["top1_agreement"], figures["max_abs_diff"], figures["checked_images"])
     return read_bundle(out)

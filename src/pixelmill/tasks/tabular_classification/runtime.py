@@ -13,13 +13,14 @@ The value rules (missing tokens, true/false spellings) come from the bundle's ``
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from pixelmill.errors import BundleError, DataError
 from pixelmill.export.bundle import Bundle
-from pixelmill.inference import Prediction, open_session, to_predictions
+from pixelmill.inference.session import Prediction, open_session, to_predictions
 
 # ONNX / structured-array element type per schema column type.
 INPUT_DTYPES = {"numeric": "float32", "boolean": "float32", "categorical": "string"}
@@ -131,12 +132,12 @@ class OnnxTabularClassifier:
     """An ONNX Runtime session over a tabular bundle: records in, class probabilities out."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        if bundle.kind != "tabular" or "schema" not in bundle.meta:
-            raise BundleError(f"bundle {bundle.path} is not a tabular bundle (kind={bundle.kind!r}, no schema)")
+        if "schema" not in bundle.meta:
+            raise BundleError(f"bundle {bundle.path} has no table schema (kind={bundle.kind!r}); export the tabular run again")
         self.bundle = bundle
         self.schema = TabularSchemaView(bundle.meta["schema"])
         self.classes = bundle.classes
-        self.preprocessing = bundle.meta.get("preprocessing", {})
+        self.preprocessing = bundle.info.preprocessing
         self.session = open_session(bundle, intra_op_threads, inter_op_threads)
         self.output_name = bundle.output_name
 
@@ -145,7 +146,12 @@ class OnnxTabularClassifier:
         (probs,) = self.session.run([self.output_name], feeds(rows, self.schema))
         return np.asarray(probs, dtype=np.float32)
 
-    def example_rows(self, n: int = 1) -> np.ndarray:
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Columns of one row."""
+        return (len(self.schema.columns),)
+
+    def warmup_batch(self, n: int = 1) -> np.ndarray:
         """n all-missing rows (NaN / ""): valid input that warms the session up."""
         rows = np.zeros(n, dtype=self.schema.dtype)
         for name, kind in self.schema.columns.items():
@@ -157,3 +163,9 @@ class OnnxTabularClassifier:
         if not records:
             return []
         return to_predictions(self.run(rows_from_records(records, self.schema)), self.classes, top_k)
+
+    def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[Any]:
+        """Every row of a CSV, read as strictly as training read it (the target column is optional)."""
+        from pixelmill.tasks.tabular_classification.predict import predict_csv  # pandas, only when asked
+
+        return predict_csv(self, path, top_k, batch_size)

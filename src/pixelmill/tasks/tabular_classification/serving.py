@@ -1,6 +1,6 @@
-"""Tabular requests -> structured rows: native JSON records and v2 tensors, one named input per column.
+"""How ``pixelmill serve`` reads and answers tabular requests: native JSON records and v2 tensors, one named input per column.
 
-Both routes end in :func:`pixelmill.tabular_inference.rows_from_records`, so a record's
+Both routes end in :func:`runtime.rows_from_records`, so a record's
 value is checked by the same rules whichever protocol carried it. A value the schema
 refuses is a 422 naming the record and column; a malformed v2 tensor is a 400.
 """
@@ -12,11 +12,13 @@ import struct
 from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
 
 from pixelmill.errors import DataError
-from pixelmill.serving.schemas import InferInput, InferRequest, TensorSpec
-from pixelmill.tabular_inference import TabularSchemaView, rows_from_records
+from pixelmill.inference.session import to_predictions
+from pixelmill.serving.schemas import InferInput, InferRequest, RecordPrediction, RecordsPredictResponse, TensorSpec
+from pixelmill.tasks.tabular_classification.runtime import TabularSchemaView, rows_from_records
 
 # v2 datatype per schema column type (what metadata advertises); numbers may come as any of _NUMERIC.
 V2_TYPES = {"numeric": "FP32", "boolean": "FP32", "categorical": "BYTES"}
@@ -134,3 +136,42 @@ def infer_rows(request: InferRequest, binary: bytes, schema: TabularSchemaView, 
     if offset != len(binary):
         raise HTTPException(400, f"the body carries {len(binary)} binary bytes but the inputs declare {offset}")
     return checked_rows([{name: values[i] for name, values in columns.items()} for i in range(rows)], schema)
+
+
+async def native_inputs(request: Request, media_type: str, engine: Any, settings: Any, limiter: Any) -> tuple[list[int], np.ndarray]:
+    """JSON ``{"records": [{column: value, ...}, ...]}`` -> (record indices, (N,) structured rows); 422 names a bad record's column."""
+    if not (media_type == "application/json" or media_type.endswith("+json")):
+        raise HTTPException(415, 'this model takes table rows: send JSON {"records": [{"column": value, ...}, ...]}')
+    records = records_of(await request.body(), settings.max_infer_batch)
+    rows = checked_rows(records, engine.classifier.schema)
+    request.state.images = len(rows)
+    return list(range(len(rows))), rows
+
+
+def native_response(engine: Any, ids: list[int], probs: np.ndarray, top_k: int) -> JSONResponse:
+    """Per record: the label, its confidence, the top-k and every class's probability."""
+    predictions = to_predictions(probs, engine.classes, top_k)
+    body = RecordsPredictResponse(
+        model=engine.bundle.name,
+        version=engine.version,
+        predictions=[RecordPrediction(record=i, **p.to_dict()) for i, p in zip(ids, predictions)],
+    )
+    return JSONResponse(body.model_dump())
+
+
+def v2_inputs(engine: Any) -> list[TensorSpec]:
+    """v2 model metadata: one [-1, 1] input per column."""
+    return metadata_inputs(engine.classifier.schema)
+
+
+def v2_config_inputs(engine: Any) -> list[dict[str, Any]]:
+    """Triton model configuration ``input``: one per column."""
+    return [
+        {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}", "dims": [1]}
+        for t in metadata_inputs(engine.classifier.schema)
+    ]
+
+
+def v2_batch(request: InferRequest, binary: bytes, engine: Any, max_batch: int) -> np.ndarray:
+    """A v2 request with one named input per column -> (N,) structured rows."""
+    return infer_rows(request, binary, engine.classifier.schema, max_batch)

@@ -1,8 +1,9 @@
 """``Predictor``: one object that predicts from a run, a bundle or a registered model.
 
-A run directory runs its checkpoint in PyTorch; a bundle runs ``model.onnx`` in ONNX
-Runtime (or ``model.pt`` in TorchScript). Either way the pixels come from
-``pixelmill.data.preprocess.to_model_input``, so every route gives the same answer.
+The model's task (``pixelmill.tasks``) supplies the runtime: a run directory runs its
+checkpoint in eager PyTorch (imported only then); a bundle runs ``model.onnx`` in ONNX
+Runtime (or ``model.pt`` in TorchScript). Image pixels come from
+``pixelmill.data.preprocess.to_model_input`` either way, so every route gives the same answer.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from pixelmill import runs
+from pixelmill.data.files import IMAGE_EXTENSIONS
 from pixelmill.data.preprocess import Preprocessing
 from pixelmill.errors import ConfigError, ModelError, PixelmillError
-from pixelmill.inference import OnnxClassifier, Prediction, prepare_image, to_predictions
-from pixelmill.tabular_inference import OnnxTabularClassifier, TabularSchemaView, rows_from_frame, rows_from_records
+from pixelmill.export.bundle import is_bundle_dir, read_bundle
+from pixelmill.inference.session import Prediction, to_predictions
+from pixelmill.tasks import TASKS, Task, task_for_config
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 _GLOB_CHARS = set("*?[")
 
 
@@ -40,72 +43,6 @@ class PredictionRow:
         if self.prediction is None:
             return base | {"label": None, "confidence": None, "top_k": [], "probabilities": {}}
         return base | self.prediction.to_dict()
-
-
-class TorchClassifier:
-    """A run's checkpoint in eager PyTorch, behind the same interface as ``OnnxClassifier``."""
-
-    def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
-        import torch
-
-        from pixelmill import runs
-        from pixelmill.config import load_saved
-        from pixelmill.export.onnx import UInt8Classifier
-        from pixelmill.models import create_model
-        from pixelmill.training.checkpoint import load_net
-
-        run_dir = runs.resolve_run_dir(run_dir)
-        summary = runs.read_summary(run_dir)
-        if not summary.get("classes") or "preprocessing" not in summary:
-            raise ModelError(f"'{run_dir}' has no classes/preprocessing in summary.json; it never started training")
-        cfg = load_saved(run_dir / runs.CONFIG)
-        self.classes: list[str] = list(summary["classes"])
-        self.preprocessing = Preprocessing.from_dict(summary["preprocessing"])
-        net = create_model(cfg.model.name, len(self.classes), in_chans=self.preprocessing.channels)
-        net = load_net(net, runs.checkpoint_path(run_dir, checkpoint))
-        self._model = UInt8Classifier(net, self.preprocessing).eval()
-        self._torch = torch
-
-    def prepare(self, image: Any) -> np.ndarray:
-        return prepare_image(image, self.preprocessing)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 -> (N, num_classes) float32."""
-        with self._torch.inference_mode():
-            return self._model(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))).numpy()
-
-    def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
-        return to_predictions(self.run(np.stack([self.prepare(i) for i in images])), self.classes, top_k) if images else []
-
-
-class TorchTabularClassifier:
-    """A tabular run's checkpoint: the fitted ColumnTransformer + eager MLP, behind ``OnnxTabularClassifier``'s interface."""
-
-    def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
-        import torch
-
-        from pixelmill.export.tabular import _load
-
-        _, self._prep, self._net, schema_doc = _load(Path(run_dir), checkpoint)
-        self.schema = TabularSchemaView(schema_doc)
-        self.classes = list(self.schema.classes)
-        self.preprocessing = {"kind": "tabular"}
-        self._torch = torch
-
-    def run(self, rows: np.ndarray) -> np.ndarray:
-        """(N,) structured rows -> (N, num_classes) float32, through scikit-learn then PyTorch."""
-        import pandas as pd
-
-        frame = pd.DataFrame({
-            name: rows[name].astype(object) if kind == "categorical" else rows[name].astype(np.float64)
-            for name, kind in self.schema.columns.items()
-        })
-        with self._torch.inference_mode():
-            logits = self._net(self._torch.from_numpy(self._prep.transform(frame)))
-            return self._torch.softmax(logits.float(), dim=1).numpy()
-
-    def predict_records(self, records: Sequence[Any], top_k: int = 5) -> list[Prediction]:
-        return to_predictions(self.run(rows_from_records(records, self.schema)), self.classes, top_k) if records else []
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
@@ -126,29 +63,25 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
     return out
 
 
-def _load_classifier(model: str | Path, tracking_uri: str | None, checkpoint: str, threads: int | None):
-    from pixelmill import runs
-    from pixelmill.export.bundle import is_bundle_dir, read_bundle
+def _load_runtime(model: str | Path, tracking_uri: str | None, checkpoint: str, threads: int | None) -> tuple[Any, Task]:
+    """(the task's runtime over ``model``, the task): a bundle on ONNX Runtime, a run directory in eager PyTorch."""
+    from pixelmill.config import load_saved
 
     text = str(model)
     if text.startswith("models:/"):
-        from pixelmill.registry import resolve_model
+        from pixelmill.model_registry import resolve_model
 
         model = resolve_model(text, tracking_uri=tracking_uri)
     path = Path(model).expanduser()
     if is_bundle_dir(path):
         bundle = read_bundle(path)
-        if bundle.kind == "tabular":
-            return OnnxTabularClassifier(bundle, intra_op_threads=threads)
-        if bundle.model_format == "torchscript":
-            from pixelmill.export.torchscript import TorchScriptClassifier
-
-            return TorchScriptClassifier(bundle)
-        return OnnxClassifier(bundle, intra_op_threads=threads)
+        if bundle.kind not in TASKS:
+            raise ModelError(f"bundle {path} is a {bundle.kind} model; this pixelmill reads {', '.join(TASKS)} bundles")
+        task = TASKS[bundle.kind]
+        return task.runtime(bundle, intra_op_threads=threads), task
     if (path / runs.CONFIG).is_file():
-        if runs.read_summary(path).get("preprocessing", {}).get("kind") == "tabular":
-            return TorchTabularClassifier(path, checkpoint)
-        return TorchClassifier(path, checkpoint)
+        task = task_for_config(load_saved(path / runs.CONFIG))
+        return task.eager_runtime(path, checkpoint), task
     raise ModelError(f"'{model}' is not a run directory, a bundle directory or a models:/NAME@ALIAS URI")
 
 
@@ -158,16 +91,18 @@ class Predictor:
     >>> Predictor.load("runs/default/my-run/bundle").predict(["a.png", pil_image, array])
     """
 
-    def __init__(self, classifier: Any, source: str) -> None:
-        self.classifier = classifier
+    def __init__(self, classifier: Any, source: str, task: Task) -> None:
+        self.classifier = classifier  # the task's runtime
         self.source = source
+        self.task = task
 
     @classmethod
     def load(
         cls, model: str | Path, tracking_uri: str | None = None, checkpoint: str = "best", threads: int | None = None
     ) -> Predictor:
         """A run directory (PyTorch checkpoint), a bundle directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
-        return cls(_load_classifier(model, tracking_uri, checkpoint, threads), str(model))
+        classifier, task = _load_runtime(model, tracking_uri, checkpoint, threads)
+        return cls(classifier, str(model), task)
 
     @property
     def classes(self) -> list[str]:
@@ -179,33 +114,22 @@ class Predictor:
 
     @property
     def kind(self) -> str:
-        """``"tabular"`` for a model trained on a CSV, else ``"image"``."""
-        return "tabular" if hasattr(self.classifier, "schema") else "image"
+        """The model's task name (``data.kind``): ``"image"``, ``"tabular"``, ..."""
+        return self.task.name
 
     def predict_records(self, records: Sequence[dict[str, Any]], top_k: int = 5) -> list[Prediction]:
-        """Tabular models: JSON-like records (column -> value) -> one Prediction each; DataError names a bad column."""
-        self._need("tabular", "predict_records")
-        return self.classifier.predict_records(list(records), top_k)
+        """Models of table rows: JSON-like records (column -> value) -> one Prediction each; DataError names a bad column."""
+        return self._runtime_with("predict_records", "predict_records").predict_records(list(records), top_k)
 
-    def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[TableRow]:
-        """Tabular models: every row of a CSV (read as strictly as training read it; the target column is optional)."""
-        from pixelmill.data.tabular import TabularSchema, read_csv, typed_features
+    def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[Any]:
+        """Models of table rows: every row of a CSV (read as strictly as training read it; the target column is optional)."""
+        return self._runtime_with("predict_csv", "predict_csv").predict_csv(path, top_k, batch_size)
 
-        self._need("tabular", "predict_csv")
-        view = self.classifier.schema
-        table = read_csv(path)
-        schema = TabularSchema(view.target, view.classes, view.columns, list(view.doc.get("ignored", [])))
-        rows = rows_from_frame(typed_features(table, schema), view)
-        sources = [f"{table.path.name}:{line}" for line in table.lines]
-        out: list[TableRow] = []
-        for start in range(0, len(rows), max(1, batch_size)):
-            probs = self.classifier.run(rows[start : start + max(1, batch_size)])
-            out += [TableRow(start + i + 1, sources[start + i], p) for i, p in enumerate(to_predictions(probs, self.classes, top_k))]
-        return out
-
-    def _need(self, kind: str, what: str) -> None:
-        if self.kind != kind:
-            raise ModelError(f"{what} needs a {kind} model; '{self.source}' is a {self.kind} model")
+    def _runtime_with(self, attribute: str, what: str) -> Any:
+        """The runtime, if it has ``attribute``; ModelError naming the model's task otherwise."""
+        if not hasattr(self.classifier, attribute):
+            raise ModelError(f"{what} does not apply to '{self.source}', a {self.task.title} model")
+        return self.classifier
 
     def predict(self, images: Sequence[Any], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Paths, PIL images or NumPy arrays -> one Prediction each; an unreadable image raises DataError."""
@@ -214,7 +138,7 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(images), max(1, batch_size)):
             chunk = images[start : start + max(1, batch_size)]
-            batch = np.stack([self.classifier.prepare(img) for img in chunk])
+            batch = np.stack([self._runtime_with("prepare", "predict").prepare(img) for img in chunk])
             out += to_predictions(self.classifier.run(batch), self.classes, top_k)
         return out
 
@@ -301,30 +225,6 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class TableRow:
-    """One CSV row's prediction: its 1-based row number and 'file.csv:LINE' (the id evaluation uses)."""
-
-    row: int
-    source: str
-    prediction: Prediction
-
-
-def write_table_predictions(rows: list[TableRow], out: str | Path, classes: Sequence[str]) -> Path:
-    """CSV rows' predictions as CSV: row, source, label, confidence and one probability column per class."""
-    out = Path(out)
-    if out.suffix.lower() != ".csv":
-        raise ConfigError(f"cannot write tabular predictions to '{out}'; use a .csv file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row", "source", "label", "confidence", *(f"p_{c}" for c in classes)])
-        for r in rows:
-            p = r.prediction
-            writer.writerow([r.row, r.source, p.label, f"{p.confidence:.6f}", *(f"{p.probabilities[c]:.6f}" for c in classes)])
-    return out
-
-
 def write_predictions(rows: list[PredictionRow], out: str | Path, classes: Sequence[str]) -> Path:
     """Write rows as CSV (one probability column per class) or JSON, chosen by the file suffix."""
     out = Path(out)
@@ -350,7 +250,4 @@ def _write_json(rows: list[PredictionRow], out: Path, classes: Sequence[str]) ->
     out.write_text(json.dumps({"classes": list(classes), "predictions": [r.to_dict() for r in rows]}, indent=2) + "\n")
 
 
-__all__ = [
-    "Predictor", "PredictionRow", "TableRow", "TorchClassifier", "TorchTabularClassifier", "expand_inputs",
-    "write_predictions", "write_table_predictions",
-]
+__all__ = ["PredictionRow", "Predictor", "expand_inputs", "write_predictions"]

@@ -62,7 +62,7 @@ def test_pretrained_offline_fails_fast_with_a_way_out(
     if name == "resnet18":
         import timm
 
-        from pixelmill.models.registry import _timm_cached_file
+        from pixelmill.models.factory import _timm_cached_file
 
         if _timm_cached_file(timm.models.get_pretrained_cfg(name)):
             pytest.skip("resnet18 weights already in the local Hugging Face cache")
@@ -124,7 +124,7 @@ def test_other_head_size_loads_backbone_and_skips_head(tmp_path: Path, caplog: p
     source = create_model("small_cnn", 10)
     path = tmp_path / "ten_classes.safetensors"
     save_file(source.state_dict(), str(path))
-    with caplog.at_level(logging.WARNING, logger="pixelmill.models.registry"):
+    with caplog.at_level(logging.WARNING, logger="pixelmill.models.factory"):
         model = create_model("small_cnn", 3, weights=path)
     assert model.get_classifier().out_features == 3
     assert torch.equal(model.features[0].conv.weight, source.features[0].conv.weight)

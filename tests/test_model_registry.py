@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pixelmill.cli import app
 from pixelmill.errors import ModelError
 from pixelmill.export.bundle import read_bundle
-from pixelmill.predict import Predictor
+from pixelmill.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_register_list_promote_and_resolve(
     import mlflow
     from mlflow import MlflowClient
 
-    from pixelmill.registry import resolve_model
+    from pixelmill.model_registry import resolve_model
 
     monkeypatch.setenv("PIXELMILL_CACHE_DIR", str(tmp_path / "cache"))
     assert "version 1" in _cli("registry", "register", str(run_copy), "--name", "digits", "--tracking-uri", store)
@@ -84,7 +84,7 @@ def test_register_list_promote_and_resolve(
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model("models:/digits@nobody", tracking_uri=store)
     with pytest.raises(ModelError, match="no version 9"):
-        from pixelmill.registry import promote
+        from pixelmill.model_registry import promote
 
         promote("digits", 9, tracking_uri=store)
 
@@ -103,11 +103,11 @@ def test_two_processes_register_at_once(run_copy: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]
     versions = sorted(int(out.split("version")[1].split()[0]) for out, _ in outputs)
     assert versions == [1, 2]
 
-    from pixelmill.registry import list_versions
+    from pixelmill.model_registry import list_versions
 
     assert [v.version for v in list_versions("race", tracking_uri=store)] == [2, 1]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixelmill.data.choices import INTERPOLATIONS
 from pixelmill.errors import ModelError
 from pixelmill.models import nets
 
@@ -538,6 +539,6 @@ def model_data_config(model: nn.Module, name: str) -> dict[str, Any]:
         "input_size": (channels, int(height), int(width)),
         "mean": _per_channel(cfg["mean"], channels),
         "std": _per_channel(cfg["std"], channels),
-        "interpolation": interpolation if interpolation in {"bilinear", "bicubic", "nearest"} else "bilinear",
+        "interpolation": interpolation if interpolation in INTERPOLATIONS else "bilinear",
         "crop_pct": float(cfg.get("crop_pct", 1.0)),
     }

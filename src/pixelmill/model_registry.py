@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import tenacity
+from filelock import FileLock
+
+from pixelmill.caches import model_cache_dir
 from pixelmill.errors import BundleError, ModelError, PixelmillError
 from pixelmill.export.bundle import BUNDLE_FILE, read_bundle
 
@@ -80,47 +84,42 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` across processes (no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on the retries alone
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise writers of one local SQLite store across processes (SQLite has one writer at a time)."""
     db = _sqlite_path(uri)
     if db is None:
         yield
         return
-    with _file_lock(Path(f"{db}.lock")):
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):  # flock on Unix, msvcrt on Windows
         yield
 
 
+def _store_busy(exc: BaseException) -> bool:
+    """Lock contention that goes away on its own (never one of our own errors)."""
+    return not isinstance(exc, PixelmillError) and any(s in str(exc).lower() for s in _RETRYABLE)
+
+
+def _log_busy(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.debug("store busy (%s); retrying in %.2fs", (str(exc).splitlines() or [type(exc).__name__])[0][:120], delay)
+
+
 def _retry(fn: Callable[[], T], attempts: int = 10) -> T:
-    """Call ``fn``, retrying with jittered backoff while the store reports lock contention."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except PixelmillError:
-            raise
-        except Exception as exc:
-            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in _RETRYABLE):
-                raise
-            delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
-            log.debug("store busy (%s); retrying in %.2fs", str(exc).splitlines()[0][:120], delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """Call ``fn``, retrying with jittered backoff while the store reports lock contention.
+
+    The wait before retry n (n = 1, 2, ...) is e * (0.5 + U(0, 1)) with e = min(2 s, 0.05 s * 2**(n-1)):
+    half of e, plus a uniform share of up to e (``wait_random_exponential``). The last failure is re-raised as it is.
+    """
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_store_busy),
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=0.025, max=1.0) + tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        before_sleep=_log_busy,
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 @contextlib.contextmanager
@@ -253,7 +252,7 @@ def register(
     run_dir = runs.resolve_run_dir(run_dir)
     uri = tracking_uri_for(run_dir, tracking_uri)
     bundle_dir = default_out(run_dir, "onnx", None)
-    with _file_lock(run_dir / ".bundle.lock"):  # two registering processes export once, not twice
+    with FileLock(run_dir / ".bundle.lock"):  # two registering processes export once, not twice
         if not (bundle_dir / BUNDLE_FILE).is_file():
             log.info("no bundle in %s yet; exporting it first", run_dir)
             export_run(run_dir)
@@ -305,7 +304,7 @@ def _list_versions(client: Any, uri: str, name: str | None) -> list[VersionInfo]
         aliases = {a: int(v) for a, v in (model.aliases or {}).items()}
         latest = {int(mv.version): mv for mv in model.latest_versions or []}
         for version in set(aliases.values()) - set(latest):  # aliased versions show too, e.g. an older @champion
-            latest[version] = _retry(lambda: client.get_model_version(model.name, str(version)))
+            latest[version] = _retry(lambda name=model.name, v=version: client.get_model_version(name, str(v)))
         for mv in latest.values():
             info = _version_info(mv)
             info.aliases = sorted(a for a, v in aliases.items() if v == info.version)
@@ -365,8 +364,8 @@ def _version_by(client: Any, name: str, version: int | None, alias: str | None) 
 
 
 def cache_root() -> Path:
-    """Where downloaded bundles live: $PIXELMILL_CACHE_DIR or ~/.cache/pixelmill/models."""
-    return Path(os.environ.get("PIXELMILL_CACHE_DIR") or Path.home() / ".cache" / "pixelmill" / "models")
+    """Where downloaded bundles live: $PIXELMILL_MODEL_CACHE_DIR, else <user cache>/pixelmill/models (see ``pixelmill.caches``)."""
+    return model_cache_dir()
 
 
 def resolve_model(uri_or_path: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:

@@ -1,8 +1,8 @@
-"""Torch-free inference on a bundle: ONNX Runtime + NumPy + Pillow.
+"""What every task's torch-free runtime shares: the ONNX Runtime session, image inputs, decoded predictions.
 
-Serving and ``pixelmill predict`` both run images through :class:`OnnxClassifier`, which
-prepares pixels with the same :func:`pixelmill.data.preprocess.to_model_input` that
-evaluation used, so a served prediction matches an evaluated one.
+Serving and ``pixelmill predict`` prepare pixels with the same
+:func:`pixelmill.data.preprocess.to_model_input` that evaluation used, so a served
+prediction matches an evaluated one.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5) ->
     return out
 
 
-def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
-    """An ONNX Runtime CPU session over the bundle's model (full graph optimisation, quiet log)."""
+def open_onnx_file(path: Path, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+    """An ONNX Runtime CPU session over an ``.onnx`` file (full graph optimisation, quiet log)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -104,53 +104,11 @@ def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_t
         options.inter_op_num_threads = int(inter_op_threads)
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(bundle.model_file), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise BundleError(f"ONNX Runtime cannot load {bundle.model_file}: {str(exc).splitlines()[0][:300]}") from None
+        raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
 
 
-class OnnxClassifier:
-    """An ONNX Runtime session over a bundle's ``model.onnx`` (CPU, full graph optimisation)."""
-
-    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        if not str(bundle.meta.get("model_file", "")).endswith(".onnx"):
-            raise BundleError(f"bundle {bundle.path} holds {bundle.meta.get('model_file')}, not an ONNX model")
-        self.bundle = bundle
-        self.classes = bundle.classes
-        self.preprocessing = bundle.preprocessing
-        self.session = open_session(bundle, intra_op_threads, inter_op_threads)
-        self.threads = intra_op_threads
-        self.input_name = bundle.input_name
-        self.output_name = bundle.output_name
-        self._single: OnnxClassifier | None = None
-
-    def single_threaded(self) -> OnnxClassifier:
-        """This model on one thread, for callers that run one batch per core side by side.
-
-        Itself when opened with one intra-op thread, else a second session (opened once).
-        Concurrent runs of one multi-threaded session would fight over its thread pool.
-        """
-        if self.threads == 1:
-            return self
-        if self._single is None:
-            self._single = OnnxClassifier(self.bundle, intra_op_threads=1, inter_op_threads=1)
-        return self._single
-
-    def prepare(self, image: ImageLike) -> np.ndarray:
-        """A path, PIL image or NumPy array -> (H, W, C) uint8, exactly as evaluation prepared it."""
-        return prepare_image(image, self.preprocessing)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 -> (N, num_classes) float32 probabilities."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        if batch.ndim == 3:
-            batch = batch[None]
-        (probs,) = self.session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(probs, dtype=np.float32)
-
-    def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
-        """Prepare, run as one batch and decode ``images``."""
-        if not images:
-            return []
-        batch = np.stack([self.prepare(img) for img in images])
-        return to_predictions(self.run(batch), self.classes, top_k)
+def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+    """An ONNX Runtime CPU session over the bundle's model."""
+    return open_onnx_file(bundle.model_file, intra_op_threads, inter_op_threads)

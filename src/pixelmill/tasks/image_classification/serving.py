@@ -1,0 +1,104 @@
+"""How ``pixelmill serve`` reads and answers image classification requests.
+
+Native ``/predict``: multipart files (field ``files``) or JSON ``{"instances": [base64, ...]}``,
+decoded in threads with the bomb, size and format checks of ``serving.images``. v2: one
+UINT8 ``[N, H, W, C]`` tensor named after the bundle's input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import HTTPException, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pixelmill.inference.session import to_predictions
+from pixelmill.serving.images import decode_base64, decode_images
+from pixelmill.serving.schemas import ImagePrediction, InferRequest, InstancesRequest, PredictResponse, TensorSpec
+from pixelmill.serving.tensors import input_batch
+
+NATIVE_MEDIA = "multipart/form-data (field 'files') or JSON {\"instances\": [base64 images]}"
+
+
+async def _multipart_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files, max_part_size=64 * 1024)
+    except StarletteHTTPException as exc:  # starlette's own, raised by the multipart parser
+        if "Too many files" in str(exc.detail):
+            raise HTTPException(413, f"too many files; send at most {max_files} per request") from None
+        raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
+    except Exception as exc:  # the parser gave up on these bytes
+        raise HTTPException(400, f"malformed multipart body: {str(exc)[:200]}") from None
+    try:
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise HTTPException(422, "no image files in the multipart body; send them in the field 'files' (with a filename)")
+        return [(upload.filename or f"files[{i}]", await upload.read()) for i, upload in enumerate(uploads)]
+    finally:
+        await form.close()
+
+
+async def _json_instances(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        payload = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise HTTPException(400, f"malformed JSON: {str(exc)[:200]}") from None
+    try:
+        instances = InstancesRequest.model_validate(payload).instances
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise HTTPException(422, f'expected {{"instances": [base64 images]}}: {problems}') from None
+    if not instances:
+        raise HTTPException(422, "'instances' is empty; send at least one base64 image")
+    if len(instances) > max_files:
+        raise HTTPException(413, f"too many instances ({len(instances)}); send at most {max_files} per request")
+    out = []
+    for i, item in enumerate(instances):
+        name = f"instances[{i}]"
+        out.append((name, decode_base64(item if isinstance(item, str) else item.b64, name)))
+    return out
+
+
+async def native_inputs(request: Request, media_type: str, engine: Any, settings: Any, limiter: Any) -> tuple[list[str], np.ndarray]:
+    """The request's images -> (file names, (N, H, W, C) uint8 batch); 4xx naming the bad file."""
+    if media_type == "multipart/form-data":
+        files = await _multipart_files(request, settings.max_files)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        files = await _json_instances(request, settings.max_files)
+    else:
+        raise HTTPException(415, f"send images as {NATIVE_MEDIA}")
+    request.state.images = len(files)
+    # Decoding runs in threads, a few at a time: concurrent large uploads cannot all hold full-size pixels at once.
+    prep = engine.bundle.preprocessing
+    batch = await anyio.to_thread.run_sync(decode_images, files, prep, settings.max_pixels, limiter=limiter)
+    return [name for name, _ in files], batch
+
+
+def native_response(engine: Any, names: list[str], probs: np.ndarray, top_k: int) -> PredictResponse:
+    """Per image: the label, its confidence, the top-k and every class's probability."""
+    predictions = to_predictions(probs, engine.classes, top_k)
+    return PredictResponse(
+        model=engine.bundle.name,
+        version=engine.version,
+        predictions=[ImagePrediction(file=name, **p.to_dict()) for name, p in zip(names, predictions)],
+    )
+
+
+def v2_inputs(engine: Any) -> list[TensorSpec]:
+    """v2 model metadata: one UINT8 [-1, H, W, C] input."""
+    return [TensorSpec(name=engine.bundle.input_name, datatype="UINT8", shape=[-1, *engine.input_shape])]
+
+
+def v2_config_inputs(engine: Any) -> list[dict[str, Any]]:
+    """Triton model configuration ``input``."""
+    return [{"name": engine.bundle.input_name, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": list(engine.input_shape)}]
+
+
+def v2_batch(request: InferRequest, binary: bytes, engine: Any, max_batch: int) -> np.ndarray:
+    """A v2 request -> (N, H, W, C) uint8."""
+    return input_batch(request, binary, engine.bundle.input_name, engine.input_shape, max_batch)
