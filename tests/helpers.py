@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
@@ -49,8 +49,20 @@ class Server:
         records = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
-                records.append(json.loads(line))
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line, still being written
+                    pass
         return records
+
+    def wait_for_log(self, done: Callable[[list[dict]], bool], timeout_s: float = 30.0) -> list[dict]:
+        """The log records once ``done(records)`` holds (the server logs a request after answering it), or at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = self.log_records()
+            if done(records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from pixelmill.caches import model_cache_dir
 from pixelmill.errors import BundleError, ModelError, PixelmillError
-from pixelmill.export.bundle import BUNDLE_FILE, read_bundle
+from pixelmill.export.bundle import BUNDLE_FILE, BundleMeta, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,10 @@ def _version_info(mv: Any) -> VersionInfo:
     )
 
 
-def _metric_tags(meta: dict[str, Any]) -> dict[str, str]:
+def _metric_tags(info: BundleMeta) -> dict[str, str]:
     """Flat string tags from the bundle's metrics (``test/accuracy``, ``best/val/acc``...)."""
     tags: dict[str, str] = {}
-    metrics = meta.get("metrics") or {}
+    metrics = info.metrics
     for split, values in (metrics.get("eval") or {}).items():
         for key, value in (values or {}).items():
             if isinstance(value, (int, float)) and value is not None:
@@ -198,38 +198,41 @@ def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str
 
 def _ensure_registered_model(client: Any, name: str) -> None:
     try:
-        client.create_registered_model(name, description="pixelmill image classifier (bundle under the run's bundle/ artifacts)")
+        client.create_registered_model(name, description="pixelmill model (bundle under the run's bundle/ artifacts)")
     except Exception as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")):
             raise
 
 
-def _signature(meta: dict[str, Any]):
+def _signature(info: BundleMeta):
+    """The MLflow signature of the bundle's own input/output contract (one tensor, or one input per column)."""
     import numpy as np
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    inputs = [info.input.model_dump()] if info.input else list(info.inputs or [])
+    dtypes = {"uint8": np.uint8, "float32": np.float32, "string": np.str_}
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), tuple(meta["input"]["shape"]), meta["input"]["name"])]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(meta["output"]["shape"]), meta["output"]["name"])]),
+        inputs=Schema([TensorSpec(np.dtype(dtypes[i["dtype"]]), tuple(i["shape"]), i["name"]) for i in inputs]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(info.output.shape), info.output.name)]),
     )
 
 
-def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, meta: dict[str, Any], run_name: str) -> tuple[str, str]:
+def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta, run_name: str) -> tuple[str, str]:
     """Log the ONNX flavour and the bundle directory in a new MLflow run; return (run_id, model_uri)."""
     import mlflow
     import mlflow.onnx
     import onnx
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.set_tags({"pixelmill.bundle": BUNDLE_ARTIFACT_PATH, "pixelmill.run_dir": meta.get("run", {}).get("run_dir", "")})
-        metrics = {k: float(v) for k, v in _metric_tags(meta).items()}
+        mlflow.set_tags({"pixelmill.bundle": BUNDLE_ARTIFACT_PATH, "pixelmill.run_dir": info.run.get("run_dir", "")})
+        metrics = {k: float(v) for k, v in _metric_tags(info).items()}
         if metrics:
             mlflow.log_metrics(metrics)
         info = mlflow.onnx.log_model(
-            onnx.load(str(bundle_dir / meta["model_file"])),
+            onnx.load(str(bundle_dir / info.model_file)),
             name=MODEL_ARTIFACT_NAME,
-            signature=_signature(meta),
+            signature=_signature(info),
             save_as_external_data=False,
             # The flavour's pinned onnx/onnxruntime: skips MLflow's requirement inference, a
             # subprocess that reloads the model and costs seconds per registration.
@@ -259,22 +262,22 @@ def register(
     bundle = read_bundle(bundle_dir)  # verifies every hash before anything is uploaded
     if bundle.model_format != "onnx":
         raise BundleError(f"{bundle_dir} holds a {bundle.model_format} model; the registry takes ONNX bundles")
-    meta = bundle.meta
     if artifact_location is None and tracking_uri is None:
         artifact_location = _run_config(run_dir).get("tracking", {}).get("mlflow", {}).get("artifact_location")
         if artifact_location and _sqlite_path(uri) is not None and not Path(artifact_location).is_absolute():
             artifact_location = None  # relative config paths follow the SQLite file (same folder), see _artifact_location
-    summary = runs.read_summary(run_dir)
-    tags = _metric_tags(meta) | {
-        "model_name": str(meta.get("model_name")),
-        "data_fingerprint": str(meta.get("data_fingerprint")),
+    summary = runs.load_summary(run_dir)
+    info = bundle.info
+    tags = _metric_tags(info) | {
+        "model_name": str(info.model_name),
+        "data_fingerprint": str(info.data_fingerprint),
         "run_dir": str(run_dir.resolve()),
-        "bundle_sha256": meta["files"][meta["model_file"]],
+        "bundle_sha256": info.files[info.model_file],
     }
     with _store_lock(uri), _tracking(uri):
         client = _retry(lambda: _client(uri))
-        experiment_id = _retry(lambda: _experiment_id(client, summary.get("experiment", "pixelmill"), _artifact_location(uri, run_dir, artifact_location)))
-        run_id, model_uri = _retry(lambda: _log_bundle(uri, experiment_id, bundle.path, meta, f"register-{run_dir.name}"))
+        experiment_id = _retry(lambda: _experiment_id(client, summary.experiment or "pixelmill", _artifact_location(uri, run_dir, artifact_location)))
+        run_id, model_uri = _retry(lambda: _log_bundle(uri, experiment_id, bundle.path, info, f"register-{run_dir.name}"))
         _retry(lambda: _ensure_registered_model(client, name))
         mv = _retry(lambda: client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags))
     log.info("registered %s version %s from %s", name, mv.version, run_dir)
@@ -411,7 +414,7 @@ def _download_bundle(store: str, info: VersionInfo, target: Path) -> Path:
         )
         bundle = read_bundle(tmp / BUNDLE_ARTIFACT_PATH)
         expected = info.tags.get("bundle_sha256")
-        if expected and bundle.meta["files"][bundle.meta["model_file"]] != expected:
+        if expected and bundle.info.files[bundle.info.model_file] != expected:
             raise BundleError(f"the bundle of {info.name} version {info.version} does not match the registered model hash")
         try:
             os.replace(tmp / BUNDLE_ARTIFACT_PATH, target)

@@ -92,7 +92,9 @@ def test_access_log_is_json_with_request_id_and_no_image_data(client: httpx.Clie
     response = client.post("/predict", json={"instances": [payload]}, headers={"X-Request-ID": "log-check-1"})
     assert response.status_code == 200
     client.post("/predict", content=b"nope", headers={"Content-Type": "text/plain", "X-Request-ID": "log-check-2"})
-    records = {r.get("request_id"): r for r in server.log_records() if r.get("logger") == "pixelmill.serving.access"}
+    ids = {"log-check-1", "log-check-2"}
+    logged = server.wait_for_log(lambda rs: ids <= {r.get("request_id") for r in rs if r.get("logger") == "pixelmill.serving.access"})
+    records = {r.get("request_id"): r for r in logged if r.get("logger") == "pixelmill.serving.access"}
     ok, rejected = records["log-check-1"], records["log-check-2"]
     assert (ok["status"], ok["outcome"], ok["route"], ok["images"]) == (200, "ok", "/predict", 1)
     assert (rejected["status"], rejected["outcome"]) == (415, "rejected")

@@ -252,3 +252,27 @@ def test_categorical_boolean_and_missing_values_end_to_end(mixed, tmp_path: Path
         inputs[2]["data"][4] = "perhaps"
         bad = http.post(f"/v2/models/{bundle.name}/infer", json={"inputs": inputs})
         assert bad.status_code == 422 and "record 4, column 'member'" in bad.json()["error"]
+
+
+def test_a_tabular_model_registers_and_predicts_through_the_registry(run: Path, bundle, tmp_path: Path) -> None:
+    """The registry takes every task's bundle: a CSV model's signature is one input per column."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    from pixelmill.model_registry import register
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    version = register(run, name="table", tracking_uri=uri, artifact_location=str(tmp_path / "art"))
+    source = MlflowClient(uri).get_model_version("table", version.version).source
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        signature = get_model_info(source).signature
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [spec.name for spec in signature.inputs.inputs] == [c["name"] for c in bundle.meta["inputs"]]
+    registered = Predictor.load(f"models:/table/{version.version}", tracking_uri=uri)
+    assert [r.prediction.probabilities for r in registered.predict_csv(_data(run) / "test.csv")] == [
+        r.prediction.probabilities for r in Predictor.load(bundle.path).predict_csv(_data(run) / "test.csv")
+    ]

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pixelmill.errors import ConfigError
-from pixelmill.tasks.base import Task, register_task
+from pixelmill.tasks.base import register_task
+from pixelmill.tasks.single_label import SingleLabelTask
 
 
 @register_task
-class ImageClassification(Task):
+class ImageClassification(SingleLabelTask):
     name: ClassVar[str] = "image"
     title: ClassVar[str] = "image classification"
     sample_noun: ClassVar[str] = "images"
@@ -56,23 +57,10 @@ class ImageClassification(Task):
 
         return ImageDataModule(data, prep, cfg.data, cfg.seed)
 
-    def lightning_module(self, cfg: Any, net: Any, data: Any) -> Any:
-        from pixelmill.tasks.classification import lightning_module
-
-        return lightning_module(cfg, net, data)
-
-    def probabilities(self, logits: Any) -> Any:
-        from pixelmill.tasks.classification import softmax
-
-        return softmax(logits)
-
-    def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
-        from pixelmill.data.datamodule import ImageDataModule
+    def eval_images(self, prep: Any) -> Any:
         from pixelmill.data.preprocess import load_image
-        from pixelmill.tasks.classification import evaluate
 
-        loader = ImageDataModule(data, prep, cfg.data, seed=0).eval_loader(split)
-        return evaluate(run_dir, loader, data, net, split, list(cfg.eval.top_k), images=lambda p: load_image(p, prep.channels))
+        return lambda path: load_image(path, prep.channels)
 
     def export(self, run: Any, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Any:
         from pixelmill.tasks.image_classification.export import export

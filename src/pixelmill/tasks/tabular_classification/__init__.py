@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pixelmill.errors import ConfigError
-from pixelmill.tasks.base import Task, register_task
+from pixelmill.tasks.base import register_task
+from pixelmill.tasks.single_label import SingleLabelTask
 
 
 @register_task
-class TabularClassification(Task):
+class TabularClassification(SingleLabelTask):
     name: ClassVar[str] = "tabular"
     title: ClassVar[str] = "tabular classification"
     sample_noun: ClassVar[str] = "rows"
@@ -61,23 +62,6 @@ class TabularClassification(Task):
         from pixelmill.data.datamodule import TabularDataModule
 
         return TabularDataModule(data, prep, cfg.data, cfg.seed)
-
-    def lightning_module(self, cfg: Any, net: Any, data: Any) -> Any:
-        from pixelmill.tasks.classification import lightning_module
-
-        return lightning_module(cfg, net, data)
-
-    def probabilities(self, logits: Any) -> Any:
-        from pixelmill.tasks.classification import softmax
-
-        return softmax(logits)
-
-    def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
-        from pixelmill.data.datamodule import TabularDataModule
-        from pixelmill.tasks.classification import evaluate
-
-        loader = TabularDataModule(data, prep, cfg.data, seed=0).eval_loader(split)
-        return evaluate(run_dir, loader, data, net, split, list(cfg.eval.top_k))
 
     def export(self, run: Any, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Any:
         from pixelmill.tasks.tabular_classification.export import export
