@@ -25,6 +25,7 @@ from pixelmill.evaluation.metrics import (
     PR_FILE,
     ROC_FILE,
 )
+from pixelmill.runs import RunSummary
 from pixelmill.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,14 @@ def _metric_rows(splits: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
     return [(key, [split["metrics"].get(key) for split in splits]) for key in keys]
 
 
-def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
-    data = summary.get("data")
-    if not isinstance(data, dict):
+def _data_context(summary: RunSummary) -> dict[str, Any] | None:
+    data = summary.data
+    if not data:
         return None
     skipped_files = data.get("skipped_files") or []
     return {
         # What one sample is, from the run's task ("Samples" for runs older than summary.task).
-        "noun": (TASKS[summary["task"]].sample_noun if summary.get("task") in TASKS else "samples").capitalize(),
+        "noun": (TASKS[summary.task].sample_noun if summary.task in TASKS else "samples").capitalize(),
         "layout": data.get("layout"),
         "classes": data.get("classes") or [],
         "counts": data.get("counts") or {},
@@ -147,10 +148,9 @@ def _data_context(summary: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _features_context(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _features_context(summary: RunSummary) -> list[dict[str, Any]]:
     """Tabular runs: one row per feature column of the training split (``summary.data.features``)."""
-    data = summary.get("data")
-    features = data.get("features") if isinstance(data, dict) else None
+    features = summary.data.get("features")
     return [f for f in features if isinstance(f, dict)] if isinstance(features, list) else []
 
 
@@ -181,17 +181,21 @@ def write_report(run_dir: Path) -> Path:
     training_plot = plot_training_curves(run_dir / "metrics.csv", run_dir / TRAINING_PLOT)
     splits = _load_splits(run_dir)
 
-    best = summary.get("best") if isinstance(summary.get("best"), dict) else None
+    try:
+        typed = RunSummary.model_validate(summary)
+    except ValueError as exc:  # pydantic's ValidationError: a field of the wrong type
+        raise RunError(f"{summary_path} is malformed ({str(exc).splitlines()[1:3]}); the run wrote it, do not edit it by hand.") from None
+    best = typed.best
     context = {
-        "run_name": summary.get("run_name") or run_dir.name,
+        "run_name": typed.run_name or run_dir.name,
         "run_dir": str(run_dir),
-        "summary": summary,
-        "best": best,
-        "best_metrics": {k: v for k, v in ((best or {}).get("metrics") or {}).items() if k not in ("epoch", "step")},
-        "durations": summary.get("durations") if isinstance(summary.get("durations"), dict) else {},
-        "versions": summary.get("versions") if isinstance(summary.get("versions"), dict) else {},
-        "data": _data_context(summary),
-        "features": _features_context(summary),
+        "summary": summary,  # as written, for the template's header tiles
+        "best": best.model_dump() if best else None,
+        "best_metrics": {k: v for k, v in (best.metrics if best else {}).items() if k not in ("epoch", "step")},
+        "durations": typed.durations,
+        "versions": typed.versions,
+        "data": _data_context(typed),
+        "features": _features_context(typed),
         "training_plot": _data_uri(training_plot) if training_plot else None,
         "splits": splits,
         "metric_rows": _metric_rows(splits),
