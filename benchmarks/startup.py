@@ -1,6 +1,8 @@
 """Claim: the CLI starts fast, and a serving process is far lighter than anything importing torch.
 
 - ``pixelmill --help``: wall time of the whole process (median of several runs).
+- A config error (``pixelmill train trainer.max_epoch=3``, ``data.path=/nonexistent``): wall time
+  until the one-line answer and exit code 2; the config is checked before torch loads.
 - ``pixelmill serve BUNDLE``: time from process start until ``/v2/health/ready`` answers 200,
   and the server's resident memory (VmRSS) once ready and after a few predictions.
 - The comparison: ``python -c "import torch"`` - its wall time and peak resident memory.
@@ -21,14 +23,14 @@ from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # 
 from _fixtures import cached_bundle, train_and_export  # noqa: E402
 
 
-def run_timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one process run to completion."""
+def run_timed(cmd: list[str], expect: int = 0) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of one process run to completion with exit code ``expect``."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.returncode != expect:
         raise RuntimeError(f"{cmd} exited with {proc.returncode}")
     return seconds, usage.ru_maxrss * 1024
 
@@ -104,16 +106,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pixelmill-bench-startup-") as tmp:
         bundle = cached_bundle("small_cnn", 64) if args.quick else train_and_export("small_cnn", 224, Path(tmp), args.overrides)
         help_s, torch_s, torch_rss, serve = [], [], [], []
+        config_errors: dict[str, list[float]] = {"trainer.max_epoch=3": [], "data.path=/nonexistent": []}
         run_timed([pixelmill_bin(), "--help"])  # warm the OS file cache for both sides
         run_timed([sys.executable, "-c", "import torch"])
+        run_timed([pixelmill_bin(), "train", "trainer.max_epoch=3"], expect=2)
         for _ in range(runs):
             help_s.append(run_timed([pixelmill_bin(), "--help"])[0])
+            for override, times in config_errors.items():
+                times.append(run_timed([pixelmill_bin(), "train", override], expect=2)[0])
             t, m = run_timed([sys.executable, "-c", "import torch"])
             torch_s.append(t)
             torch_rss.append(m)
         for _ in range(1 if args.quick else 3):
             serve.append(serve_once(bundle))
     report.figure("`pixelmill --help` wall time", median(help_s), "s")
+    for override, times in config_errors.items():
+        report.figure(f"config error `{override}` wall time", median(times), "s")
     report.figure('`python -c "import torch"` wall time', median(torch_s), "s")
     report.figure('`python -c "import torch"` peak RSS', median(torch_rss) / 2**20, "MiB")
     report.figure("`pixelmill serve`: start to /v2/health/ready", median([s[0] for s in serve]), "s")
@@ -121,6 +129,8 @@ def main() -> None:
     report.figure("`pixelmill serve`: RSS after 20 predictions", median([s[2] for s in serve]) / 2**20, "MiB")
     serve_rss = median([s[2] for s in serve])
     report.ratio("startup `pixelmill --help` wall time / 0.5 s budget", median(help_s) / 0.5, 1.0, higher_is_better=False)
+    worst_error = max(median(times) for times in config_errors.values())
+    report.ratio("startup config error wall time / 1 s budget", worst_error / 1.0, 1.0, higher_is_better=False, note="the slower of the two errors")
     report.ratio("startup serve RSS / import-torch RSS", serve_rss / median(torch_rss), 0.5, higher_is_better=False)
     report.finish(args.json)
 

@@ -86,4 +86,7 @@ def test_demo_is_the_main_job(tmp_path):
     assert len(run_dirs) == 1
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["eval"]["test"]["accuracy"] >= 0.95
+    run = run_dirs[0].relative_to(tmp_path)
+    for command in (f"pixelmill evaluate {run}", f"pixelmill export {run}", f"pixelmill serve {run}/bundle"):
+        assert command in out.stdout, out.stdout  # the next steps, the run's path filled in
     print(f"demo took {elapsed:.0f} s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,19 +41,80 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging() -> None:
+# Third-party warnings that change what a run computes, said in pixelmill's words on the
+# terminal (the original stays in train.log, and --verbose shows it as is).
+_REWORDED: tuple[tuple[str, str], ...] = (
+    (
+        "precision='16-mixed')` but AMP with fp16 is not supported on CPU",
+        "trainer.precision=16-mixed does not run on CPU: this run trains in bf16-mixed (set trainer.precision=bf16-mixed or 32 to choose)",
+    ),
+    (
+        "GPU available but not used",
+        "a GPU is available but this run trains on the CPU; set trainer.accelerator=auto to use it",
+    ),
+)
+
+
+class _OwnLines(logging.Filter):
+    """pixelmill's own log lines; another library's only when it is an error or changes the results.
+
+    Third-party warnings, tips and notices (Lightning, MLflow, Python warnings) still reach
+    ``train.log``; ``--verbose`` shows them on the terminal too.
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pixelmill" or record.name.startswith("pixelmill.") or record.levelno >= logging.ERROR:
+            return True
+        message = record.getMessage()
+        for needle, ours in _REWORDED:
+            if needle in message:
+                self.handler.handle(logging.makeLogRecord({**record.__dict__, "name": "pixelmill", "msg": ours, "args": None,
+                                                           "levelno": logging.WARNING, "levelname": "WARNING"}))
+        return False
+
+
+def _setup_logging(verbose: bool = False) -> None:
     """Rich log lines on a terminal; plain, unwrapped lines when stderr is a file or a pipe."""
     if err.is_terminal:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # RichHandler shows time and level itself; basicConfig would add them again
     else:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    if not verbose:
+        handler.addFilter(_OwnLines(handler))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("pixelmill").setLevel(logging.INFO)
-    # Lightning prints its own INFO lines; do not print them twice.
-    logging.getLogger("lightning.pytorch").propagate = False
+    logging.captureWarnings(True)  # warnings become log records: filtered above, kept in train.log
+    _lightning_through_root()
+
+
+def _lightning_through_root() -> None:
+    """Lightning gives its loggers a console handler of their own when it is imported; without
+    it their lines reach the handler above once, through its filter. Call again after an import."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+        logger.propagate = True
+
+
+@contextmanager
+def _working(text: str):
+    """A spinner and the time so far on a terminal while a long step runs; nothing on a pipe or file."""
+    if not err.is_terminal:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as progress:
+        progress.add_task(text, total=None)
+        yield
 
 
 def _metrics_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -80,27 +142,65 @@ def _render_result(result) -> None:
     report = Path(result.run_dir) / "report.html"
     if report.is_file():
         rows.append(("report", str(report)))
+    rows += _next_steps(result)
     console.print(_metrics_table("pixelmill run", rows))
+
+
+def _next_steps(result) -> list[tuple[str, str]]:
+    """The commands that come next for this run, its path filled in."""
+    import shlex
+
+    run = str(result.run_dir)
+    if result.status == "interrupted":
+        return [("continue", f"pixelmill train resume={shlex.quote(run)}")]
+    if result.status != "finished":
+        return []
+    evaluated = sorted(p.name for p in (Path(run) / "eval").glob("*") if p.is_dir())
+    split = "" if not evaluated or "test" in evaluated else f" --split {evaluated[0]}"  # a run without a test split
+    return [
+        ("next: evaluate", f"pixelmill evaluate {shlex.quote(run)}{split}"),
+        ("next: export", f"pixelmill export {shlex.quote(run)}"),
+        ("next: serve", f"pixelmill serve {shlex.quote(str(Path(run) / 'bundle'))}  (after export)"),
+    ]
+
+
+_VERBOSE = typer.Option(False, "--verbose", "-v", help="Also show other libraries' warnings and notices (train.log has them either way).")
 
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value config overrides, e.g. data.path=DIR model.name=resnet18"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML config file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value config overrides, e.g. data.path=DIR model.name=resnet18 (every key: pixelmill config)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML config file (pixelmill config --template writes one)."),
+    verbose: bool = _VERBOSE,
 ) -> None:
-    """Train a classifier; `resume=RUN_DIR` continues a stopped run."""
-    from pixelmill.config import load_config, parse_override
-    from pixelmill.training.fit import resume
-    from pixelmill.training.fit import train as train_run
+    """Train a classifier; `resume=RUN_DIR` continues a stopped run. `pixelmill config` lists every key."""
+    from pixelmill.config import check_inputs, load_config, parse_override
 
-    _setup_logging()
+    _setup_logging(verbose)
     overrides = list(overrides or [])
     resume_dir = next((v for k, v in map(parse_override, overrides) if k == "resume"), None)
+    # The config, the data path and the model name are checked before torch and Lightning load.
+    from pixelmill.runs import resolve_run_dir
+
     if resume_dir:
+        resolve_run_dir(str(resume_dir))
         rest = [o for o in overrides if parse_override(o)[0] != "resume"]
+        with _working("loading PyTorch and Lightning"):
+            from pixelmill.training.fit import resume
+
+        _lightning_through_root()
         result = resume(str(resume_dir), rest)
     else:
-        result = train_run(load_config(overrides, config))
+        cfg = load_config(overrides, config)
+        if cfg.resume:  # `resume: RUN_DIR` in the config file
+            resolve_run_dir(str(cfg.resume))
+        else:
+            check_inputs(cfg)
+        with _working("loading PyTorch and Lightning"):
+            from pixelmill.training.fit import train as train_run
+
+        _lightning_through_root()
+        result = train_run(cfg)
     _render_result(result)
 
 
@@ -108,20 +208,75 @@ def train(
 def demo(
     out: Path = typer.Option(Path("demo-data"), help="Where the digits images are written."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides on top of the demo config."),
+    verbose: bool = _VERBOSE,
 ) -> None:
     """The main job: write scikit-learn's digits, train the small CNN, evaluate it on the test split."""
     from importlib import resources
 
     from pixelmill.config import load_config
-    from pixelmill.data.demo import write_digits
-    from pixelmill.training.fit import train as train_run
 
-    _setup_logging()
+    _setup_logging(verbose)
+    demo_cfg = resources.files("pixelmill.config").joinpath("demo.yaml")
+    cfg = load_config([f"data.path={out}", *(overrides or [])], Path(str(demo_cfg)))  # a typo fails before anything is written
+    from pixelmill.data.demo import write_digits
+
     counts = write_digits(out)
     console.print(f"wrote {sum(counts.values())} digit images to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
-    demo_cfg = resources.files("pixelmill.config").joinpath("demo.yaml")
-    cfg = load_config([f"data.path={out}", *(overrides or [])], Path(str(demo_cfg)))
+    with _working("loading PyTorch and Lightning"):
+        from pixelmill.training.fit import train as train_run
+    _lightning_through_root()
     _render_result(train_run(cfg))
+
+
+@app.command("config")
+def config_command(
+    items: Optional[List[str]] = typer.Argument(None, help="Groups or keys to show (trainer, data.augment, model.name); with --resolved, key=value overrides."),
+    template: bool = typer.Option(False, "--template", help="Print a commented YAML file of every key at its default, for train --config."),
+    resolved: bool = typer.Option(False, "--resolved", help="Print the config a run would use with these overrides (and --config)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="With --resolved: a YAML config file under the overrides."),
+) -> None:
+    """Every config key: its type, default, allowed values and what it does, grouped like the config."""
+    from rich.markup import escape
+
+    from pixelmill import config as cfgmod
+
+    if template and resolved:
+        raise PixelmillError("pick one of --template and --resolved")
+    if resolved:
+        sys.stdout.write(cfgmod.to_yaml(cfgmod.load_config(items or [], config)))
+        return
+    if config is not None:
+        raise PixelmillError("--config goes with --resolved (pixelmill config --resolved --config FILE key=value ...)")
+    if template:
+        if items:
+            raise PixelmillError("--template writes every key; drop the group names")
+        sys.stdout.write(cfgmod.template())
+        return
+    docs = cfgmod.describe()
+    wanted = list(items or [])
+    for item in wanted:
+        if not any(d.key == item or d.key.startswith(f"{item}.") for d in docs):
+            import difflib
+
+            names = [g for g in cfgmod.config_groups() if g] + [d.key for d in docs]
+            close = difflib.get_close_matches(item, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            groups = ", ".join(g for g in cfgmod.config_groups() if g)
+            raise PixelmillError(f"no config group or key '{item}'; {hint}(groups: {groups})")
+    shown = [d for d in docs if not wanted or any(d.key == i or d.key.startswith(f"{i}.") for i in wanted)]
+    for group in cfgmod.config_groups():
+        rows = [d for d in shown if d.group == group]
+        if not rows:
+            continue
+        about = cfgmod.GROUP_DOCS.get(group, "")
+        table = Table(title=f"[bold]{group or 'run'}[/]" + (f": {about}" if about else ""), title_justify="left", highlight=False)
+        for column in ("key", "type", "default", "allowed", "description"):
+            table.add_column(column, overflow="fold", style="bold" if column == "key" else None)
+        for d in rows:
+            table.add_row(*map(escape, (d.key, d.type, cfgmod.yaml_value(d.default), d.allowed, d.help)))
+        console.print(table)
+    if not wanted:
+        console.print("Set a key with key=value (pixelmill train trainer.max_epochs=20) or in a file: pixelmill config --template > exp.yaml")
 
 
 @data_app.command("demo")
@@ -147,7 +302,8 @@ def data_scan(
     from pixelmill.data.scan import scan_images
 
     _setup_logging()
-    scan = scan_images(path, layout=layout)
+    with _working(f"scanning {path}: reading and verifying every image"):
+        scan = scan_images(path, layout=layout)
     table = Table(title=f"{path} ({scan.layout} layout)")
     table.add_column("class")
     for split in scan.splits:
@@ -184,7 +340,8 @@ def evaluate(
     from pixelmill.evaluation.evaluate import evaluate_run
 
     _setup_logging()
-    metrics, out = evaluate_run(run_dir, split=split, data=data, checkpoint=checkpoint)
+    with _working(f"evaluating {run_dir} on {data or split}"):
+        metrics, out = evaluate_run(run_dir, split=split, data=data, checkpoint=checkpoint)
     rows = [(k, _fmt(metrics.get(k))) for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "auc_macro", "log_loss", "ece")]
     rows.append(("written to", str(out)))
     console.print(_metrics_table(f"evaluation of {run_dir}", rows))
@@ -270,10 +427,11 @@ def export(
 
     _setup_logging()
     _quiet_exporters()
-    bundle = export_run(
-        run_dir, checkpoint=checkpoint, fmt=fmt, quantize=quantize, out=out, max_images=max_images,
-        name=name, min_int8_agreement=min_int8_agreement,
-    )
+    with _working(f"exporting {run_dir} and checking it against PyTorch"):
+        bundle = export_run(
+            run_dir, checkpoint=checkpoint, fmt=fmt, quantize=quantize, out=out, max_images=max_images,
+            name=name, min_int8_agreement=min_int8_agreement,
+        )
     info = bundle.info
     check = info.export
     noun = TASKS[info.kind].sample_noun
@@ -422,9 +580,13 @@ def tune(
     warmup_epochs: int = typer.Option(1, min=0, help="Epochs of every trial that are never pruned."),
 ) -> None:
     """Search hyper-parameters with Optuna; each trial is a run. Start it on several machines to share one study."""
-    from pixelmill.tuning import tune as run_tune
+    from pixelmill.config import load_config
 
     _setup_logging()
+    load_config(overrides or [], config)  # a mistake in the base config answers before the heavy imports
+    with _working("loading PyTorch, Lightning and Optuna"):
+        from pixelmill.tuning import tune as run_tune
+    _lightning_through_root()
     result = run_tune(
         space, trials, overrides or [], config, storage=storage, study_name=study, heartbeat=heartbeat,
         startup_trials=startup_trials, warmup_epochs=warmup_epochs,

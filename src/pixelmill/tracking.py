@@ -34,6 +34,22 @@ def _quick_mlflow_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+# Loggers MLflow gives a stderr handler of its own when it is imported (and stops from propagating).
+_MLFLOW_LOGGERS = ("mlflow", "alembic", "sqlalchemy.engine", "huey")
+
+
+def _route_mlflow_logs() -> None:
+    """Send MLflow's log records ("Creating initial MLflow database tables...") where pixelmill's go.
+
+    MLflow prints them to stderr itself; without its handler they reach the handlers pixelmill
+    set up: ``train.log`` always, the terminal only with ``pixelmill train --verbose``.
+    """
+    for name in _MLFLOW_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if isinstance(h, logging.FileHandler) or not isinstance(h, logging.StreamHandler)]
+        logger.propagate = True
+
+
 def artifact_uri(location: str | None) -> str | None:
     if location and "://" not in location:
         return Path(location).resolve().as_uri()
@@ -46,6 +62,7 @@ def check_trackers(cfg) -> None:
         _quick_mlflow_http()
         from mlflow.tracking import MlflowClient
 
+        _route_mlflow_logs()
         uri = cfg.tracking.mlflow.uri
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -74,9 +91,11 @@ def _tensorboard(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logg
 
 
 def _mlflow(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
+    import mlflow  # noqa: F401  (imported here so that its loggers are routed before the logger starts)
     from lightning.pytorch.loggers import MLFlowLogger
 
     _quick_mlflow_http()
+    _route_mlflow_logs()
     logger = MLFlowLogger(
         experiment_name=cfg.experiment,
         run_name=run_name,

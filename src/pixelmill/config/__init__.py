@@ -6,8 +6,12 @@ Every step is validated against the typed schema in ``schema.py``; a mistake bec
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,8 +20,18 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pixelmill.config.schema import CHOICES, LOGGERS, MONITORS, RANGES, PixelmillConfig
-from pixelmill.errors import ConfigError
+from pixelmill.config.schema import (
+    CHOICES,
+    DOCS,
+    GROUP_DOCS,
+    LOGGERS,
+    MODEL_PREFIXES,
+    MONITORS,
+    RANGES,
+    SHOWN_TYPES,
+    PixelmillConfig,
+)
+from pixelmill.errors import ConfigError, DataError, ModelError
 
 # Groups that `group=name` selects from packaged YAML files, and the default of each.
 GROUPS: dict[str, str] = {"data": "image", "model": "small_cnn", "trainer": "default"}
@@ -225,3 +239,158 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
     walk(cfg, "")
     return out
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """What can be checked before torch loads: the data path exists and the model name's source prefix.
+
+    The CLI calls this right after ``load_config``, so a wrong path answers in a fraction of a
+    second rather than after the training stack has been imported.
+    """
+    path = cfg.data.path
+    if not path:
+        raise ConfigError(f"data.path is not set; pass data.path=PATH: {DOCS['data.path']}")
+    if not Path(str(path)).expanduser().exists():
+        raise DataError(f"data path '{path}' does not exist; set data.path to {DOCS['data.path']}")
+    prefix, sep, _ = str(cfg.model.name).strip().partition(":")
+    if sep and prefix.lower() not in MODEL_PREFIXES:
+        valid = ", ".join(f"{p}:" for p in MODEL_PREFIXES)
+        raise ModelError(f"unknown model source '{prefix}' in '{cfg.model.name}'; valid prefixes: {valid}")
+
+
+# ---------------------------------------------------------------------------- documentation
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``pixelmill config`` shows it."""
+
+    key: str  # dotted: trainer.max_epochs
+    group: str  # the dotted parent ("" for the top level)
+    type: str
+    default: Any  # what a run gets when nothing overrides it (packaged groups applied)
+    allowed: str  # choices or range, "" when any value of the type goes
+    help: str
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any"
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(names) + (" | null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _schema_keys(cls: type = PixelmillConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, type) of every leaf key, in the schema's order; nested dataclasses are groups."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _schema_keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", tp))
+    return out
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key the schema has."""
+    return [key for key, _ in _schema_keys()]
+
+
+def _number(value: float | None, infinite: str) -> str:
+    if value is None:
+        return infinite
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _allowed(key: str) -> str:
+    if key in CHOICES:
+        return ", ".join(CHOICES[key])  # data.kind: the tasks registered now
+    if key == "logger":
+        return "any of " + ", ".join(LOGGERS)
+    if key == "trainer.monitor":
+        return ", ".join(MONITORS)
+    if key == "model.name":
+        return "see pixelmill models"
+    if key in RANGES:
+        low, high, inclusive = RANGES[key]
+        text = f"{'[' if inclusive else '('}{_number(low, '-inf')}, {_number(high, 'inf')}{']' if high is not None else ')'}"
+        return text + (" (fraction at most 1)" if key.startswith("trainer.limit_") else "")
+    return ""
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def describe(defaults: DictConfig | None = None) -> list[KeyDoc]:
+    """Every key with its type, default (``defaults``: a loaded config; the no-override config if None), allowed values and help."""
+    cfg = defaults if defaults is not None else load_config([])
+    return [
+        KeyDoc(
+            key=key,
+            group=key.rpartition(".")[0],
+            type=SHOWN_TYPES.get(key, _type_name(tp)),
+            default=_plain(OmegaConf.select(cfg, key)),
+            allowed=_allowed(key),
+            help=DOCS.get(key, ""),
+        )
+        for key, tp in _schema_keys()
+    ]
+
+
+def config_groups() -> list[str]:
+    """The groups of keys, in the schema's order ("" is the top level)."""
+    groups: list[str] = []
+    for key in schema_keys():
+        group = key.rpartition(".")[0]
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML (flow style): 64, '32', null, [csv, mlflow], {}."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6, sort_keys=False)
+    return "\n".join(line for line in text.splitlines() if line != "...").strip()
+
+
+def template(defaults: DictConfig | None = None) -> str:
+    """A commented YAML file of every key at its default; ``pixelmill train --config`` reads it back as is."""
+    docs = {d.key: d for d in describe(defaults)}
+    lines = [
+        "# pixelmill config: every key at its default. Change what you need, delete the rest, then run",
+        "#   pixelmill train --config THIS_FILE [key=value ...]",
+        "# key=value on the command line overrides this file; `pixelmill config` explains every key.",
+        "",
+        f"# {GROUP_DOCS['']}",
+    ]
+    opened: list[str] = []  # the mapping keys written so far ("data", "data.augment", ...)
+    nested = False
+    for key, doc in docs.items():
+        parts = key.split(".")
+        if len(parts) == 1 and nested:  # a top-level key after a group: set it apart
+            lines.append("")
+        nested = len(parts) > 1
+        for depth in range(len(parts) - 1):
+            group = ".".join(parts[: depth + 1])
+            if group not in opened:
+                opened.append(group)
+                indent = "  " * depth
+                lines.append("")
+                if group in GROUP_DOCS:
+                    lines.append(f"{indent}# {GROUP_DOCS[group]}")
+                lines.append(f"{indent}{parts[depth]}:")
+        indent = "  " * (len(parts) - 1)
+        note = f" ({doc.type}; {doc.allowed})" if doc.allowed else f" ({doc.type})"
+        lines.append(f"{indent}# {doc.help}{note}")
+        lines.append(f"{indent}{parts[-1]}: {yaml_value(doc.default)}")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Callbacks pixelmill adds to Lightning's: the per-epoch history of a run."""
+"""Callbacks pixelmill adds to Lightning's: the per-epoch history of a run, graceful stops, the progress bar."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 from pixelmill import runs
 
@@ -127,3 +127,21 @@ class GracefulStop(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.requested:
             trainer.should_stop = True
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's rich bar with the epoch, the training loss and the monitored metric only.
+
+    Lightning adds the logger's version (``v_num``) and every ``prog_bar`` metric; a person
+    watching a run wants to see whether the loss falls and the metric that picks the best epoch.
+    """
+
+    def __init__(self, monitor: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.monitor = monitor
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        shown = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k in ("train/loss", self.monitor)}
+        if self.monitor not in shown and self.monitor in trainer.callback_metrics:  # a metric logged without prog_bar
+            shown[self.monitor] = float(trainer.callback_metrics[self.monitor])
+        return shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,16 +66,21 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     from pixelmill.models.factory import resolve_model_name
 
     started = time.time()
-    task = task_for_config(cfg)
-    resolve_model_name(cfg.model.name)  # an unknown model fails before the data is scanned
-    task.check_model(cfg)
-    scan = task.load_data(cfg)
-    seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
-    net, prep = task.new_model(cfg, scan)
-    if global_rank() != 0:
+    early = _EarlyLog()
+    with early:  # what is logged before the run directory exists goes to its train.log too
+        task = task_for_config(cfg)
+        resolve_model_name(cfg.model.name)  # an unknown model fails before the data is scanned
+        task.check_model(cfg)
+        scan = task.load_data(cfg)
+        seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
+        net, prep = task.new_model(cfg, scan)
+        rank0 = global_rank() == 0
+        if rank0:
+            check_trackers(cfg)
+            run_dir = _new_run_dir(cfg)
+    if not rank0:
         return _fit(cfg, task, _shared_run_dir(cfg), scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
-    check_trackers(cfg)
-    run_dir = _new_run_dir(cfg)
+    early.write(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     task.save_preprocessing(run_dir, prep)
@@ -124,9 +130,9 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from pixelmill.training.callbacks import GracefulStop, RunHistory
+    from pixelmill.training.callbacks import EpochProgressBar, GracefulStop, RunHistory
 
     t = cfg.trainer
     callbacks: list = [
@@ -155,7 +161,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.mode, patience=t.early_stopping_patience, check_on_train_epoch_end=True))
     if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(EpochProgressBar(t.monitor, leave=True))
     return callbacks
 
 
@@ -194,24 +200,77 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
     )
 
 
-class _RunLog:
-    """Mirror pixelmill's and Lightning's log records into ``train.log`` for the run's duration."""
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def __init__(self, run_dir: Path):
-        self.handler = logging.FileHandler(run_dir / "train.log")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self.loggers = [logging.getLogger(n) for n in ("pixelmill", "lightning.pytorch", "lightning.fabric")]
 
-    def __enter__(self) -> _RunLog:
+class _Capture:
+    """One handler on every path a library's log records take: the root logger, plus the loggers
+    that keep their records to themselves (``propagate = False``, as Lightning's do when it is
+    imported before logging is set up). Python warnings are routed to logging meanwhile, so
+    third-party warnings land here too; the CLI keeps them off the terminal unless --verbose.
+    """
+
+    OWN = ("pixelmill", "lightning.pytorch", "lightning.fabric")
+
+    def __init__(self, handler: logging.Handler):
+        self.handler = handler
+        self.loggers: list[logging.Logger] = []
+        self.captured_warnings = False
+
+    def __enter__(self):
+        names = [n for n in self.OWN if not logging.getLogger(n).propagate]
+        self.loggers = [logging.getLogger(), *(logging.getLogger(n) for n in names)]
         for logger in self.loggers:
             logger.addHandler(self.handler)
+        for name in self.OWN:
+            logger = logging.getLogger(name)
             if logger.level == logging.NOTSET or logger.level > logging.INFO:
                 logger.setLevel(logging.INFO)
+        self.captured_warnings = getattr(warnings.showwarning, "__module__", "") != "logging"
+        if self.captured_warnings:
+            logging.captureWarnings(True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.captured_warnings:
+            logging.captureWarnings(False)
         for logger in self.loggers:
             logger.removeHandler(self.handler)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _EarlyLog(_Capture):
+    """Keep the records logged before the run directory exists (scan, model, tracker checks) for its ``train.log``."""
+
+    def __init__(self) -> None:
+        super().__init__(_Collect())
+
+    def write(self, run_dir: Path) -> None:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(_LOG_FORMAT)
+        for record in self.handler.records:
+            handler.handle(record)
+        handler.close()
+
+
+class _RunLog(_Capture):
+    """Every log record and warning of the run's duration, pixelmill's and the libraries', into ``train.log``."""
+
+    def __init__(self, run_dir: Path):
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(_LOG_FORMAT)
+        super().__init__(handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
         self.handler.close()
 
 
