@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from pixelmill.config import config_groups, describe, schema_keys
-from pixelmill.config.schema import CHOICES, DOCS, GROUP_DOCS, MODEL_PREFIXES, RANGES
+from pixelmill.config.schema import CHOICES, DOCS, GROUP_DOCS, RANGES
 
 
 def test_every_schema_key_has_a_one_line_description():
@@ -46,10 +49,18 @@ def test_data_kind_choices_follow_the_registered_tasks():
     assert "multilabel_probe" not in CHOICES["data.kind"]
 
 
-def test_model_prefixes_match_the_model_factory():
+def test_a_bad_model_prefix_gets_the_factorys_error_before_torch_loads():
+    from pixelmill.config import check_inputs, load_config
+    from pixelmill.errors import ModelError
     from pixelmill.models import factory
 
-    assert set(MODEL_PREFIXES) == set(factory._PREFIXES)
+    cfg = load_config([f"data.path={Path(__file__).parent}", "model.name=foo:resnet18"])
+    with pytest.raises(ModelError) as before_torch:
+        check_inputs(cfg)
+    with pytest.raises(ModelError) as in_factory:
+        factory.resolve_model_name("foo:resnet18")
+    assert str(before_torch.value) == str(in_factory.value)
+    assert "valid prefixes: pixelmill:, timm:, tv:, torchvision:" in str(before_torch.value)
 
 
 def test_config_package_stays_light():

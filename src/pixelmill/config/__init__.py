@@ -25,13 +25,13 @@ from pixelmill.config.schema import (
     DOCS,
     GROUP_DOCS,
     LOGGERS,
-    MODEL_PREFIXES,
     MONITORS,
     RANGES,
     SHOWN_TYPES,
     PixelmillConfig,
 )
-from pixelmill.errors import ConfigError, DataError, ModelError
+from pixelmill.errors import ConfigError, DataError
+from pixelmill.models.names import split_prefix
 
 # Groups that `group=name` selects from packaged YAML files, and the default of each.
 GROUPS: dict[str, str] = {"data": "image", "model": "small_cnn", "trainer": "default"}
@@ -252,10 +252,7 @@ def check_inputs(cfg: DictConfig) -> None:
         raise ConfigError(f"data.path is not set; pass data.path=PATH: {DOCS['data.path']}")
     if not Path(str(path)).expanduser().exists():
         raise DataError(f"data path '{path}' does not exist; set data.path to {DOCS['data.path']}")
-    prefix, sep, _ = str(cfg.model.name).strip().partition(":")
-    if sep and prefix.lower() not in MODEL_PREFIXES:
-        valid = ", ".join(f"{p}:" for p in MODEL_PREFIXES)
-        raise ModelError(f"unknown model source '{prefix}' in '{cfg.model.name}'; valid prefixes: {valid}")
+    split_prefix(str(cfg.model.name).strip())  # the factory's own check, torch-free
 
 
 # ---------------------------------------------------------------------------- documentation

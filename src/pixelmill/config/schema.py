@@ -207,9 +207,6 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "seed": (0, 2**32 - 1, True),
 }
 
-# Model name prefixes that pick a source (models/factory.py resolves them); checked before torch loads.
-MODEL_PREFIXES: tuple[str, ...] = ("pixelmill", "timm", "tv", "torchvision")
-
 # What `pixelmill config` prints for the keys whose type annotation is Any.
 SHOWN_TYPES: dict[str, str] = {
     "trainer.devices": "int | str | list",

@@ -27,13 +27,13 @@ from torch import nn
 from pixelmill.data.choices import INTERPOLATIONS
 from pixelmill.errors import ModelError
 from pixelmill.models import nets
+from pixelmill.models.names import split_prefix
 
 __all__ = ["create_model", "list_models", "load_weights", "model_data_config"]
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("pixelmill", "timm", "torchvision")
-_PREFIXES = {"pixelmill": "pixelmill", "timm": "timm", "tv": "torchvision", "torchvision": "torchvision"}
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _PROBE_TIMEOUT_S = 3.0
@@ -82,20 +82,9 @@ def _is_tv(name: str) -> bool:
 _IS_MODEL: dict[str, Callable[[str], bool]] = {"pixelmill": nets.is_model, "timm": _is_timm, "torchvision": _is_tv}
 
 
-def _split_prefix(name: str) -> tuple[str | None, str]:
-    """'tv:resnet18' -> ('torchvision', 'resnet18'); 'resnet18' -> (None, 'resnet18')."""
-    prefix, sep, rest = name.partition(":")
-    if not sep:
-        return None, name
-    if prefix.lower() not in _PREFIXES:
-        valid = ", ".join(f"{p}:" for p in _PREFIXES)
-        raise ModelError(f"unknown model source '{prefix}' in '{name}'; valid prefixes: {valid}")
-    return _PREFIXES[prefix.lower()], rest
-
-
 def resolve_model_name(name: str) -> tuple[str, str]:
     """Map a user-facing model name to (source, bare name); ModelError listing close matches if unknown."""
-    source, bare = _split_prefix(name.strip())
+    source, bare = split_prefix(name.strip())
     for src in [source] if source else SOURCES:
         if _IS_MODEL[src](bare):
             return src, bare
@@ -114,7 +103,7 @@ def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
     """
     sources: tuple[str, ...] = SOURCES
     if pattern:
-        source, pattern = _split_prefix(pattern)
+        source, pattern = split_prefix(pattern)
         sources = (source,) if source else SOURCES
         pattern = pattern.lower()
         if not any(c in pattern for c in "*?["):
