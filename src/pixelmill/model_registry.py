@@ -229,7 +229,7 @@ def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta
         metrics = {k: float(v) for k, v in _metric_tags(info).items()}
         if metrics:
             mlflow.log_metrics(metrics)
-        info = mlflow.onnx.log_model(
+        logged = mlflow.onnx.log_model(
             onnx.load(str(bundle_dir / info.model_file)),
             name=MODEL_ARTIFACT_NAME,
             signature=_signature(info),
@@ -239,7 +239,7 @@ def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
         mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
-    return run.info.run_id, info.model_uri
+    return run.info.run_id, logged.model_uri
 
 
 def register(

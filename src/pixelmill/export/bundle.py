@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,10 +73,10 @@ class Bundle:
 
     path: Path
     meta: dict
+    info: BundleMeta = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def info(self) -> BundleMeta:
-        return BundleMeta.model_validate(self.meta)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "info", BundleMeta.model_validate(self.meta))  # typed once, when the bundle is read or written
 
     @property
     def classes(self) -> list[str]:
@@ -157,11 +156,6 @@ def _load_meta(path: Path) -> dict[str, Any]:
     for key in ("kind", "model_file", "classes", "preprocessing", "output", "files"):
         if key not in meta:
             raise BundleError(f"{meta_path} lacks the key {key!r}; export the bundle again.")
-    try:
-        BundleMeta.model_validate(meta)
-    except ValueError as exc:  # pydantic's ValidationError
-        first = str(exc).splitlines()[1:3]
-        raise BundleError(f"{meta_path} is malformed ({' '.join(first)}); export the bundle again.") from None
     return meta
 
 
@@ -199,9 +193,14 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if path.name == BUNDLE_FILE and path.is_file():
         path = path.parent
     meta = _load_meta(path)
+    try:
+        bundle = Bundle(path=path.resolve(), meta=meta)
+    except ValueError as exc:  # pydantic's ValidationError: a key of the wrong type
+        first = str(exc).splitlines()[1:3]
+        raise BundleError(f"{path / BUNDLE_FILE} is malformed ({' '.join(first)}); export the bundle again.") from None
     if verify:
         verify_files(path, meta)
-    return Bundle(path=path.resolve(), meta=meta)
+    return bundle
 
 
 def is_bundle_dir(path: str | Path) -> bool:

@@ -135,11 +135,12 @@ class Predictor:
         """Paths, PIL images or NumPy arrays -> one Prediction each; an unreadable image raises DataError."""
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
             images = [images]
+        runtime = self._runtime_with("prepare", "predict")
         out: list[Prediction] = []
         for start in range(0, len(images), max(1, batch_size)):
             chunk = images[start : start + max(1, batch_size)]
-            batch = np.stack([self._runtime_with("prepare", "predict").prepare(img) for img in chunk])
-            out += to_predictions(self.classifier.run(batch), self.classes, top_k)
+            batch = np.stack([runtime.prepare(img) for img in chunk])
+            out += to_predictions(runtime.run(batch), self.classes, top_k)
         return out
 
     def predict_files(

@@ -124,7 +124,7 @@ class DynamicBatcher:
             for job in jobs:
                 job.future.cancel()
             raise
-        return parts[0] if len(parts) == 1 else self._join(parts)
+        return self._join(parts)
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:
