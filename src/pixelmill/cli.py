@@ -130,15 +130,19 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+# The test figures shown after training, those the run's task reports (single-label, multi-label).
+_TEST_HEADLINE = (("accuracy", "accuracy"), ("map", "mAP"), ("f1_macro", "macro F1"), ("f1_micro", "micro F1"))
+
+
 def _render_result(result) -> None:
     rows = [("status", result.status), ("run directory", str(result.run_dir))]
     if result.best_epoch is not None:
         rows.append(("best epoch", str(result.best_epoch)))
-    for key in ("val/acc", "val/f1_macro"):
+    for key in ("val/acc", "val/map", "val/f1_macro"):
         if key in result.best_metrics:
             rows.append((f"best {key}", _fmt(result.best_metrics[key])))
-    if result.test_metrics:
-        rows += [("test accuracy", _fmt(result.test_metrics["accuracy"])), ("test macro F1", _fmt(result.test_metrics["f1_macro"]))]
+    test = result.test_metrics or {}
+    rows += [(f"test {name}", _fmt(test[key])) for key, name in _TEST_HEADLINE if key in test]
     report = Path(result.run_dir) / "report.html"
     if report.is_file():
         rows.append(("report", str(report)))
@@ -281,16 +285,18 @@ def config_command(
 
 @data_app.command("demo")
 def data_demo(
-    name: str = typer.Argument(..., help="digits, breast_cancer or wine"),
+    name: str = typer.Argument(..., help="digits, breast_cancer, wine or multidigits"),
     out: Path = typer.Option(..., "--out", help="Output folder."),
 ) -> None:
     """Write a built-in real dataset (from scikit-learn) to OUT."""
-    from pixelmill.data.demo import DEMO_DATASETS
+    from pixelmill.data.demo import DEMO_DATASETS, DEMO_NEXT_STEPS
 
     if name not in DEMO_DATASETS:
         raise PixelmillError(f"unknown demo dataset '{name}'; choose one of: {', '.join(DEMO_DATASETS)}")
     counts = DEMO_DATASETS[name](out)
     console.print(f"wrote {name} to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if name in DEMO_NEXT_STEPS:
+        console.print("next: " + DEMO_NEXT_STEPS[name].format(out=out), soft_wrap=True)
 
 
 @data_app.command("scan")
@@ -342,12 +348,13 @@ def evaluate(
     _setup_logging()
     with _working(f"evaluating {run_dir} on {data or split}"):
         metrics, out = evaluate_run(run_dir, split=split, data=data, checkpoint=checkpoint)
-    rows = [(k, _fmt(metrics.get(k))) for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "auc_macro", "log_loss", "ece")]
+    keys = ("n", "accuracy", "balanced_accuracy", "map", "f1_micro", "f1_macro", "auc_macro", "subset_accuracy", "hamming_loss", "log_loss", "ece")
+    rows = [(k, _fmt(metrics[k])) for k in keys if k in metrics]
     rows.append(("written to", str(out)))
     console.print(_metrics_table(f"evaluation of {run_dir}", rows))
 
 
-_RUN_COLUMNS = ("run", "experiment", "model", "status", "epochs", "best_epoch", "val/acc", "val/f1_macro", "test/acc", "fit_s")
+_RUN_COLUMNS = ("run", "experiment", "model", "status", "epochs", "best_epoch", "val/acc", "val/map", "val/f1_macro", "test/acc", "test/map", "fit_s")
 
 
 @runs_app.command("list")
@@ -418,7 +425,7 @@ def export(
     quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 quantisation (ONNX only)"),
     out: Optional[Path] = typer.Option(None, help="Bundle directory (default RUN_DIR/bundle, bundle-int8, bundle-torchscript)."),
     max_images: int = typer.Option(64, help="Evaluation images the export is checked on."),
-    min_int8_agreement: float = typer.Option(0.99, help="int8 only: share of images whose top-1 must match PyTorch."),
+    min_int8_agreement: float = typer.Option(0.99, help="int8 only: share of images whose top-1 (multi-label: of label decisions) must match PyTorch."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default EXPERIMENT-RUN)."),
 ) -> None:
     """Export a run to a bundle checked against PyTorch on real evaluation images."""
@@ -443,6 +450,7 @@ def export(
         ("classes", ", ".join(bundle.classes)),
         (f"checked {noun}", str(check["checked_images"])),
         ("top-1 agreement", f"{check['top1_agreement']:.2%}"),
+        *([("label agreement", f"{check['label_agreement']:.2%}")] if "label_agreement" in check else []),
         ("max |p - p_torch|", f"{check['max_abs_diff']:.2e}"),
     ]
     console.print(_metrics_table("pixelmill export", rows))

@@ -198,8 +198,10 @@ def describe(run_dir: Path) -> dict[str, Any]:
         "best_epoch": summary.best.epoch if summary.best else None,
         "val/acc": best.get("val/acc"),
         "val/f1_macro": best.get("val/f1_macro"),
+        "val/map": best.get("val/map"),  # multi-label
         "test/acc": test.get("accuracy"),
         "test/f1_macro": test.get("f1_macro"),
+        "test/map": test.get("map"),
         "fit_s": summary.durations.get("fit_s"),
     }
 

@@ -109,7 +109,7 @@ def test_bad_model_or_settings_fail_in_one_line_before_binding(bundle_dir: Path,
     meta = json.loads((other / "bundle.json").read_text())
     write_bundle(other, {k: v for k, v in meta.items() if k not in ("files", "meta_sha256")} | {"kind": "audio"}, ["model.onnx"])
     result = _serve_cli(str(other), "--port", "1")
-    assert result.returncode == 2 and "serves image and tabular bundles" in result.stderr
+    assert result.returncode == 2 and "serves bundles of kind image, multilabel, tabular" in result.stderr
 
     bad = _serve_cli(str(bundle_dir), env={"PIXELMILL_MAX_BATCH_SIZE": "0"})
     assert bad.returncode == 2 and "PIXELMILL_MAX_BATCH_SIZE" in bad.stderr

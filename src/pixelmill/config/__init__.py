@@ -25,13 +25,13 @@ from pixelmill.config.schema import (
     DOCS,
     GROUP_DOCS,
     LOGGERS,
-    MONITORS,
     RANGES,
     SHOWN_TYPES,
     PixelmillConfig,
 )
 from pixelmill.errors import ConfigError, DataError
 from pixelmill.models.names import split_prefix
+from pixelmill.tasks import TASKS, get_task
 
 # Groups that `group=name` selects from packaged YAML files, and the default of each.
 GROUPS: dict[str, str] = {"data": "image", "model": "small_cnn", "trainer": "default"}
@@ -157,13 +157,41 @@ def validate(cfg: DictConfig) -> None:
     unknown = [name for name in loggers if name not in LOGGERS]
     if unknown:
         raise ConfigError(f"unknown logger '{unknown[0]}' in 'logger'; choose any of: {', '.join(LOGGERS)}")
-    if cfg.trainer.monitor not in MONITORS:
-        raise ConfigError(f"bad value '{cfg.trainer.monitor}' for 'trainer.monitor'; choose one of: {', '.join(MONITORS)}")
+    _check_monitor(cfg)
+    threshold = str(cfg.eval.threshold)
+    if threshold != "max_f1" and not (_is_number(threshold) and 0.0 < float(threshold) < 1.0):
+        raise ConfigError(f"bad value '{threshold}' for 'eval.threshold'; give max_f1 or a probability in (0, 1), e.g. 0.5")
     if cfg.data.val_ratio + cfg.data.test_ratio >= 1.0:
         raise ConfigError("data.val_ratio + data.test_ratio must be below 1 so that something is left to train on")
     for k in cfg.eval.top_k:
         if k < 1:
             raise ConfigError(f"bad value {k} in 'eval.top_k'; each k must be at least 1")
+
+
+def _kind_of(path: Path) -> str | None:
+    """The one task that recognises the data at ``path`` as its own (``Task.recognises``), else None."""
+    kinds = [name for name, task in TASKS.items() if task.recognises(path)]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_monitor(cfg: DictConfig) -> None:
+    """``trainer.monitor`` must be a metric the task logs; ``auto`` becomes the task's default."""
+    task = get_task(str(cfg.data.kind))
+    monitor = str(cfg.trainer.monitor)
+    if monitor == "auto":
+        cfg.trainer.monitor = task.default_monitor
+    elif monitor not in task.monitors:
+        raise ConfigError(
+            f"bad value '{monitor}' for 'trainer.monitor'; a {task.title} run logs: auto, {', '.join(task.monitors)}"
+        )
 
 
 def load_config(overrides: Iterable[str] = (), config_file: str | Path | None = None) -> DictConfig:
@@ -193,6 +221,11 @@ def load_config(overrides: Iterable[str] = (), config_file: str | Path | None = 
     # `data.kind=tabular` or `model.name=mlp` without a group choice picks the packaged
     # defaults of that kind or model, as `data=tabular` / `model=mlp` would.
     chosen = {**{k: v for k, v in _dotted_items(user)}, **dict(dotted)}
+    if "data.kind" not in chosen and "data" not in file_groups and "data" not in cli_groups and chosen.get("data.path"):
+        recognised = _kind_of(Path(str(chosen["data.path"])).expanduser())
+        if recognised:  # e.g. a path,labels manifest is multi-label data: data.kind may be left out
+            chosen["data.kind"] = recognised
+            dotted.insert(0, ("data.kind", recognised))
     implied = {"data": chosen.get("data.kind"), "model": chosen.get("model.name")}
     for group, name in implied.items():
         if group not in file_groups and group not in cli_groups and isinstance(name, str) and name in group_options(group):
@@ -314,7 +347,7 @@ def _allowed(key: str) -> str:
     if key == "logger":
         return "any of " + ", ".join(LOGGERS)
     if key == "trainer.monitor":
-        return ", ".join(MONITORS)
+        return "auto, " + ", ".join(dict.fromkeys(m for task in TASKS.values() for m in task.monitors))
     if key == "model.name":
         return "see pixelmill models"
     if key in RANGES:

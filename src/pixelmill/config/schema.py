@@ -20,7 +20,6 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "tanh")  # model.activat
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop")  # optim.name: training/module.py
 SCHEDULERS: tuple[str, ...] = ("none", "step", "cosine", "onecycle", "plateau")  # scheduler.name: training/module.py
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow", "wandb")  # logger (a list of them): tracking.py
-MONITORS: tuple[str, ...] = ("val/acc", "val/loss", "val/f1_macro")  # trainer.monitor
 
 
 @dataclass
@@ -55,6 +54,8 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     target: Optional[str] = None
     columns: dict[str, str] = field(default_factory=dict)
+    label_separator: str = "|"
+    no_label: str = "No Finding"
 
 
 @dataclass
@@ -101,7 +102,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 0.0
     deterministic: bool = False
-    monitor: str = "val/acc"
+    monitor: str = "auto"  # the task's own default (tasks/*: default_monitor)
     mode: str = "max"
     early_stopping_patience: int = 0
     # Lightning's meaning: an int is a number of batches, a float in (0, 1] a fraction.
@@ -134,6 +135,7 @@ class TrackingConfig:
 class EvalConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5])
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
+    threshold: str = "max_f1"  # multi-label decision rule per label, or a fixed probability
 
 
 @dataclass
@@ -217,7 +219,7 @@ SHOWN_TYPES: dict[str, str] = {
 # One line per group, the headings of `pixelmill config` and of `pixelmill config --template`.
 GROUP_DOCS: dict[str, str] = {
     "": "the run: where it is written, its name and seed",
-    "data": "the data: where it is, how it is split, read and batched (data=image|digits|tabular picks packaged defaults)",
+    "data": "the data: where it is, how it is split, read and batched (data=image|digits|tabular|multilabel picks packaged defaults)",
     "data.augment": "training-time augmentation of images",
     "model": "the network (model=NAME takes any timm / torchvision / pixelmill name; pixelmill models lists them)",
     "optim": "the optimizer",
@@ -252,6 +254,8 @@ DOCS: dict[str, str] = {
     "data.sampler": "batch order: shuffle, or balanced (every class equally often)",
     "data.target": "tabular only: the CSV column to predict",
     "data.columns": "tabular only: column types that override inference, e.g. {zip: categorical, id: ignore}",
+    "data.label_separator": "multilabel only: what separates an image's labels in the manifest's labels cell",
+    "data.no_label": "multilabel only: the labels cell that means no label (an empty cell always does)",
     "data.augment.hflip": "random horizontal flips",
     "data.augment.vflip": "random vertical flips",
     "data.augment.rotation": "random rotation up to this many degrees either way",
@@ -267,7 +271,7 @@ DOCS: dict[str, str] = {
     "model.in_chans": "input channels: 1 for grayscale, 3 for RGB",
     "model.drop_rate": "dropout before the classifier (default: the model's)",
     "model.freeze_backbone": "train only the classifier head",
-    "model.class_weights": "auto weights the loss by inverse class frequency",
+    "model.class_weights": "auto weights the loss by inverse class frequency (multilabel: each label's positives by negatives/positives in train)",
     "model.label_smoothing": "label smoothing of the cross-entropy loss",
     "model.hidden_sizes": "mlp only: widths of the hidden layers",
     "model.activation": "mlp only: activation between the hidden layers",
@@ -291,7 +295,7 @@ DOCS: dict[str, str] = {
     "trainer.accumulate_grad_batches": "batches whose gradients add up to one optimizer step",
     "trainer.gradient_clip_val": "clip gradients to this norm (0: off)",
     "trainer.deterministic": "deterministic kernels: the same run gives the same weights (slower on GPU)",
-    "trainer.monitor": "metric that picks the best checkpoint and drives early stopping",
+    "trainer.monitor": "metric that picks the best checkpoint and drives early stopping (auto: val/acc, multilabel val/map)",
     "trainer.mode": "whether a higher (max) or lower (min) trainer.monitor is better",
     "trainer.early_stopping_patience": "epochs without improvement before stopping (0: never stop early)",
     "trainer.limit_train_batches": "training batches per epoch: a number, or a fraction in (0, 1]",
@@ -305,4 +309,5 @@ DOCS: dict[str, str] = {
     "tracking.wandb.mode": "online, offline or disabled (auto: online when WANDB_API_KEY is set)",
     "eval.top_k": "k values of the top-k accuracies reported",
     "eval.splits": "splits evaluated with the best checkpoint after training",
+    "eval.threshold": "multilabel: per-label decision threshold chosen on val (max_f1) or one fixed probability, e.g. 0.5",
 }

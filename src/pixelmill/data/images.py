@@ -105,7 +105,7 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
         and base.shape[0] == len(xs)
         and all(x._base is base and x.storage_offset() == base.storage_offset() + i * base.stride(0) for i, x in enumerate(xs))
     ):
-        return [base, torch.tensor([label for _, label in samples])]
+        return [base, default_collate([label for _, label in samples])]  # class indices or (L,) target rows
     return default_collate(samples)
 
 

@@ -151,12 +151,12 @@ def scan_images(
             "add one sub-folder (or label) per class"
         )
 
-    checks = _verify_all([f.path for f in found], max_pixels, workers)
+    checks = verify_files([f.path for f in found], max_pixels, workers)
     good = [(f, digest) for f, (reason, digest) in zip(found, checks) if reason is None]
     bad = [BadFile(f.path, reason) for f, (reason, _) in zip(found, checks) if reason is not None]
     _check_classes(classes, [f for f, _ in good], bad, by_split=any(f.split for f in found))
     splits = _assign_splits([f for f, _ in good], classes, val_ratio, test_ratio, seed)
-    result = ScanResult(root, layout, classes, splits, bad, _fingerprint(good, root))
+    result = ScanResult(root, layout, classes, splits, bad, fingerprint([(f.path, f.label, sha) for f, sha in good], root))
 
     if bad:
         reasons = ", ".join(f"{n} {reason}" for reason, n in result.bad_counts().items())
@@ -176,21 +176,26 @@ def split_indices(labels: Sequence, *, val_ratio: float, test_ratio: float, seed
     """
     labels = list(labels)
     n = len(labels)
-    rest, test = _holdout(list(range(n)), labels, _held_count(test_ratio, n), seed)
-    train, val = _holdout(rest, [labels[i] for i in rest], _held_count(val_ratio, n), seed)
+    rest, test = _holdout(list(range(n)), labels, held_count(test_ratio, n), seed)
+    train, val = _holdout(rest, [labels[i] for i in rest], held_count(val_ratio, n), seed)
     return {"train": train, "val": val, "test": test}
 
 
 # --------------------------------------------------------------------------- arguments, layout
 
 
-def _check_args(layout: str, val_ratio: float, test_ratio: float, max_pixels: int) -> None:
-    if layout not in LAYOUTS:
-        raise DataError(f"unknown data layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
+def check_ratios(val_ratio: float, test_ratio: float) -> None:
+    """DataError unless the held-out shares are each in [0, 1) and leave something to train on."""
     if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
         raise DataError(
             f"val_ratio={val_ratio} and test_ratio={test_ratio} must each be in [0, 1) and sum to less than 1"
         )
+
+
+def _check_args(layout: str, val_ratio: float, test_ratio: float, max_pixels: int) -> None:
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown data layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
+    check_ratios(val_ratio, test_ratio)
     if max_pixels < 1:
         raise DataError(f"max_pixels={max_pixels} must be a positive number of pixels")
 
@@ -273,6 +278,11 @@ def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
     reader = csv.DictReader(fh)
     header = [(name or "").strip().lower() for name in (reader.fieldnames or [])]
     missing = [name for name in ("path", "label") if name not in header]
+    if missing == ["label"] and "labels" in header:
+        raise DataError(
+            f"manifest '{manifest}' has a 'labels' column (several labels per image); set data.kind=multilabel, "
+            "or name the column label for one class per image"
+        )
     if missing:
         raise DataError(
             f"manifest '{manifest}' is missing column(s) {', '.join(missing)}; "
@@ -353,8 +363,8 @@ def _list_images(folder: str) -> list[str]:
 # --------------------------------------------------------------------------- verification
 
 
-def _verify_all(paths: list[str], max_pixels: int, workers: int) -> list[tuple[str | None, str | None]]:
-    """(reason or None, sha256 hex or None) per path, in the order given."""
+def verify_files(paths: list[str], max_pixels: int = 89_478_485, workers: int = 4) -> list[tuple[str | None, str | None]]:
+    """(reason or None, sha256 hex or None) per path, in the order given: every file read, hashed and decoded once."""
     Image.init()  # import every format plugin once, here, rather than racing in the threads
     with warnings.catch_warnings():
         # Our own max_pixels check reports big images; PIL's warning would only add noise.
@@ -486,12 +496,18 @@ def _assign_splits(
     if not splits["val"]:  # no val folder / rows: carve it from train
         train = splits["train"]
         labels = [label for _, label in train]
-        keep, held = _holdout(list(range(len(train))), labels, _held_count(val_ratio, len(train)), seed)
+        keep, held = _holdout(list(range(len(train))), labels, held_count(val_ratio, len(train)), seed)
         splits["train"], splits["val"] = [train[i] for i in keep], [train[i] for i in held]
     return splits
 
 
-def _held_count(ratio: float, n: int) -> int:
+def split_of(value: str) -> str | None:
+    """The split a manifest's ``split`` cell names (train, val/valid/validation, test; any case), or None."""
+    return _SPLIT_OF.get(value.strip().lower())
+
+
+def held_count(ratio: float, n: int) -> int:
+    """How many of ``n`` samples a split of ``ratio`` holds out."""
     return int(ratio * n + 0.5)
 
 
@@ -536,10 +552,10 @@ def _holdout_per_class(positions: list[int], labels: list, count: int, seed: int
     return kept, held
 
 
-def _fingerprint(good: list[tuple[_Found, str]], root: str) -> str:
-    """sha256 over sorted (relative path, label, file sha256) of the good files; first 16 hex chars."""
+def fingerprint(good: Sequence[tuple[str, str, str]], root: str) -> str:
+    """sha256 over sorted (path relative to ``root``, label text, file sha256) of the usable files; first 16 hex chars."""
     digest = hashlib.sha256()
-    for rel, label, file_sha in sorted((_relative(f.path, root), f.label, sha) for f, sha in good):
+    for rel, label, file_sha in sorted((_relative(path, root), label, sha) for path, label, sha in good):
         label_bytes = label.encode("utf-8", "surrogateescape")
         digest.update(os.fsencode(rel) + b"\0" + label_bytes + b"\0" + file_sha.encode() + b"\n")
     return digest.hexdigest()[:16]

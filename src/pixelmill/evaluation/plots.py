@@ -125,10 +125,18 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, no
     return _save(fig, path)
 
 
-def _present_classes(y_true: np.ndarray, n_classes: int) -> list[int]:
-    """Classes with at least one positive and one negative in y_true (curves are defined)."""
-    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=n_classes)
-    return [c for c in range(n_classes) if 0 < counts[c] < len(y_true)]
+def _indicator(y_true: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, C) 0/1 targets: multi-label targets as given, class indices one-hot."""
+    y = np.asarray(y_true)
+    if y.ndim == 2:
+        return (y > 0).astype(np.int64)
+    return (y.astype(np.int64)[:, None] == np.arange(n_classes)[None, :]).astype(np.int64)
+
+
+def _present(y: np.ndarray) -> list[int]:
+    """Columns of a (N, C) indicator with at least one positive and one negative (curves are defined)."""
+    counts = y.sum(axis=0)
+    return [c for c in range(y.shape[1]) if 0 < counts[c] < len(y)]
 
 
 def _curve_axes(n_classes: int) -> tuple[Figure, Axes]:
@@ -137,18 +145,21 @@ def _curve_axes(n_classes: int) -> tuple[Figure, Axes]:
     return fig, axes[0, 0]
 
 
-def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
-    """One-vs-rest ROC curve per class present in y_true (AUC in the legend) plus the macro average."""
-    y = np.asarray(y_true, dtype=np.int64)
+def plot_roc_curves(
+    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "ROC curves, one-vs-rest (AUC)"
+) -> Path:
+    """ROC curve per class (one-vs-rest; for (N, C) multi-label targets per label) with both
+    positives and negatives, AUC in the legend, plus the macro average."""
+    y = _indicator(y_true, len(class_names))
     probs = np.asarray(probs, dtype=np.float64)
-    present = _present_classes(y, len(class_names))
+    present = _present(y)
     fig, ax = _curve_axes(len(present) + 1)
     colors = _colors(len(class_names))
     fpr_grid = np.linspace(0.0, 1.0, 501)
     tprs = []
     for c in present:
-        fpr, tpr, _ = roc_curve(y == c, probs[:, c])
-        score = roc_auc_score(y == c, probs[:, c])
+        fpr, tpr, _ = roc_curve(y[:, c], probs[:, c])
+        score = roc_auc_score(y[:, c], probs[:, c])
         tprs.append(np.interp(fpr_grid, fpr, tpr))
         ax.plot(fpr, tpr, color=colors[c], lw=1.3, alpha=0.85, label=f"{_short(class_names[c])} ({score:.3f})")
     if tprs:
@@ -159,38 +170,40 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
             label=f"macro-average ({auc(fpr_grid, mean_tpr):.3f})",
         )
     else:
-        ax.text(0.5, 0.5, "ROC undefined: y_true holds a single class", ha="center", va="center")
+        ax.text(0.5, 0.5, "ROC undefined: no class has both positives and negatives", ha="center", va="center")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="False positive rate", ylabel="True positive rate")
-    ax.set_title("ROC curves, one-vs-rest (AUC)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if tprs:
         _legend(ax, len(present) + 1, "lower right")
     return _save(fig, path)
 
 
-def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
-    """Precision-recall curve per class present in y_true, average precision (AP) in the legend."""
-    y = np.asarray(y_true, dtype=np.int64)
+def plot_pr_curves(
+    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "Precision-recall curves"
+) -> Path:
+    """Precision-recall curve per class (for (N, C) multi-label targets per label) with both
+    positives and negatives, average precision (AP) in the legend and the mean AP in the title."""
+    y = _indicator(y_true, len(class_names))
     probs = np.asarray(probs, dtype=np.float64)
-    present = _present_classes(y, len(class_names))
+    present = _present(y)
     fig, ax = _curve_axes(len(present))
     colors = _colors(len(class_names))
     aps = []
     for c in present:
-        precision, recall, _ = precision_recall_curve(y == c, probs[:, c])
-        ap = average_precision_score(y == c, probs[:, c])
+        precision, recall, _ = precision_recall_curve(y[:, c], probs[:, c])
+        ap = average_precision_score(y[:, c], probs[:, c])
         aps.append(ap)
         ax.plot(
             recall, precision, drawstyle="steps-post", color=colors[c], lw=1.3, alpha=0.85,
             label=f"{_short(class_names[c])} (AP {ap:.3f})",
         )
-    title = "Precision-recall curves"
     if aps:
         title += f" (mean AP {np.mean(aps):.3f})"
         _legend(ax, len(present), "lower left")
     else:
-        ax.text(0.5, 0.5, "PR curves undefined: y_true holds a single class", ha="center", va="center")
+        ax.text(0.5, 0.5, "PR curves undefined: no class has both positives and negatives", ha="center", va="center")
     ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Recall", ylabel="Precision")
     ax.set_title(title)
     ax.grid(alpha=0.3)

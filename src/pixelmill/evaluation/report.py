@@ -25,6 +25,7 @@ from pixelmill.evaluation.metrics import (
     PR_FILE,
     ROC_FILE,
 )
+from pixelmill.evaluation.multilabel import PLOT_TITLES as MULTILABEL_PLOT_TITLES
 from pixelmill.runs import RunSummary
 from pixelmill.tasks import TASKS
 
@@ -36,10 +37,9 @@ TRAINING_PLOT = Path("plots") / "training_curves.png"
 MAX_SKIPPED_LISTED = 50
 SPLIT_ORDER = ("train", "val", "test")
 # Row order of the metrics table; keys not listed here (e.g. top3_acc) follow in file order.
-METRIC_ORDER = (
-    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
-    "precision_weighted", "recall_weighted", "f1_weighted", "auc_macro", "log_loss", "ece",
-)
+METRIC_ORDER = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "auc_macro", "log_loss", "ece")
+# The same for multi-label splits: the headline rows first.
+MULTILABEL_METRIC_ORDER = ("map", "auc_macro", "f1_micro", "f1_macro", "subset_accuracy", "hamming_loss", "precision_micro", "recall_micro", "precision_macro", "recall_macro")
 SPLIT_PLOTS = (
     (CONFUSION_FILE, "Confusion matrix"),
     (CONFUSION_NORM_FILE, "Confusion matrix, normalised"),
@@ -95,6 +95,20 @@ def _split_sort_key(name: str) -> tuple[int, str]:
     return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
 
 
+def _multilabel_plots(split_dir: Path, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, data URI) of the PNGs a multi-label metrics.json lists in ``plots`` (only files inside ``split_dir``)."""
+    names = metrics.get("plots")
+    root = split_dir.resolve()
+    plots = []
+    for name in names if isinstance(names, list) else []:
+        if not isinstance(name, str) or not name.endswith(".png"):
+            continue
+        path = (split_dir / name).resolve()
+        if path.is_relative_to(root) and (uri := _data_uri(path)):
+            plots.append((MULTILABEL_PLOT_TITLES.get(name, Path(name).stem.replace("_", " ")), uri))
+    return plots
+
+
 def _load_splits(run_dir: Path) -> list[dict[str, Any]]:
     """Every eval/<split>/ holding a metrics.json, in train/val/test order."""
     eval_dir = run_dir / "eval"
@@ -105,12 +119,20 @@ def _load_splits(run_dir: Path) -> list[dict[str, Any]]:
         if not (split_dir / METRICS_FILE).is_file():
             continue
         metrics = _read_json(split_dir / METRICS_FILE)
-        plots = [(title, uri) for name, title in SPLIT_PLOTS if (uri := _data_uri(split_dir / name))]
+        if not isinstance(metrics, dict):
+            raise RunError(f"{split_dir / METRICS_FILE} must hold a JSON object; re-run the evaluation.")
+        multilabel = "per_label" in metrics  # a multi-label evaluation (evaluation/multilabel.py)
+        if multilabel:
+            plots = _multilabel_plots(split_dir, metrics)
+        else:
+            plots = [(title, uri) for name, title in SPLIT_PLOTS if (uri := _data_uri(split_dir / name))]
         splits.append(
             {
                 "name": split_dir.name,
                 "metrics": metrics,
+                "label_sets": multilabel,
                 "per_class": metrics.get("per_class") or {},
+                "per_label": (metrics.get("per_label") or {}) if multilabel else {},
                 "plots": plots,
                 "misclassified": _data_uri(split_dir / MISCLASSIFIED_FILE),
             }
@@ -125,17 +147,38 @@ def _metric_rows(splits: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
         for key, value in split["metrics"].items():
             if key not in keys and (value is None or isinstance(value, (int, float))):
                 keys.append(key)
-    order = {key: i for i, key in enumerate(METRIC_ORDER)}
+    multilabel = any(split["label_sets"] for split in splits)
+    order = {key: i for i, key in enumerate(MULTILABEL_METRIC_ORDER if multilabel else METRIC_ORDER)}
     # Known metrics first, then top-k and the rest in file order, the sample count last.
     keys.sort(key=lambda k: (k == "n", order.get(k, len(order))))
     return [(key, [split["metrics"].get(key) for split in splits]) for key in keys]
 
 
-def _data_context(summary: RunSummary) -> dict[str, Any] | None:
+def _label_counts(data: dict[str, Any]) -> dict[str, Any] | None:
+    """Multi-label data: images carrying each label per split (``class_counts``) and those with no label."""
+    class_counts = data.get("class_counts") if isinstance(data.get("class_counts"), dict) else {}
+    no_label = data.get("no_label_counts") if isinstance(data.get("no_label_counts"), dict) else {}
+    splits = [s for s in (data.get("counts") or {}) if s in class_counts or s in no_label]
+    splits += [s for s in [*class_counts, *no_label] if s not in splits]
+    if not splits:
+        return None
+    labels: list[str] = []
+    for split in splits:
+        counts = class_counts.get(split)
+        labels += [name for name in (counts if isinstance(counts, dict) else {}) if name not in labels]
+    return {
+        "splits": splits,
+        "rows": [(name, [(class_counts.get(s) or {}).get(name) for s in splits]) for name in labels],
+        "no_label": [no_label.get(s) for s in splits] if no_label else None,
+    }
+
+
+def _data_context(summary: RunSummary, multilabel: bool) -> dict[str, Any] | None:
     data = summary.data
     if not data:
         return None
     skipped_files = data.get("skipped_files") or []
+    multilabel = multilabel or "no_label_counts" in data
     return {
         # What one sample is, from the run's task ("Samples" for runs older than summary.task).
         "noun": (TASKS[summary.task].sample_noun if summary.task in TASKS else "samples").capitalize(),
@@ -145,6 +188,9 @@ def _data_context(summary: RunSummary) -> dict[str, Any] | None:
         "skipped": data.get("skipped"),  # None: the task's data has no files to skip (CSV rows)
         "skipped_files": skipped_files[:MAX_SKIPPED_LISTED],
         "skipped_more": max(0, len(skipped_files) - MAX_SKIPPED_LISTED),
+        "label_sets": multilabel,
+        # Single-label reports list no per-class counts; a multi-label run shows its label frequencies.
+        "label_counts": _label_counts(data) if multilabel else None,
     }
 
 
@@ -194,11 +240,13 @@ def write_report(run_dir: Path) -> Path:
         "best_metrics": {k: v for k, v in (best.metrics if best else {}).items() if k not in ("epoch", "step")},
         "durations": typed.durations,
         "versions": typed.versions,
-        "data": _data_context(typed),
+        "data": _data_context(typed, multilabel=any(s["label_sets"] for s in splits)),
         "features": _features_context(typed),
         "training_plot": _data_uri(training_plot) if training_plot else None,
         "splits": splits,
         "metric_rows": _metric_rows(splits),
+        "any_multilabel": any(s["label_sets"] for s in splits),
+        "all_multilabel": bool(splits) and all(s["label_sets"] for s in splits),
         "has_misclassified": any(s["misclassified"] for s in splits),
         "config_text": config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

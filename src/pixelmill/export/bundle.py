@@ -59,6 +59,7 @@ class BundleMeta(BaseModel):
     versions: dict[str, str] = {}
     created_at: Optional[str] = None
     export: dict[str, Any] = {}
+    thresholds: Optional[dict[str, float]] = None  # multi-label: label -> decision threshold
     files: dict[str, str] = {}
 
     @property

@@ -140,8 +140,13 @@ class Predictor:
         for start in range(0, len(images), max(1, batch_size)):
             chunk = images[start : start + max(1, batch_size)]
             batch = np.stack([runtime.prepare(img) for img in chunk])
-            out += to_predictions(runtime.run(batch), self.classes, top_k)
+            out += self.decode(runtime.run(batch), top_k)
         return out
+
+    def decode(self, outputs: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """The model's outputs -> predictions: its runtime's own decisions (multi-label: label sets at its thresholds), else top-k."""
+        decode = getattr(self.classifier, "decode", None)
+        return decode(outputs, top_k) if decode is not None else to_predictions(outputs, self.classes, top_k)
 
     def predict_files(
         self,
@@ -207,7 +212,7 @@ class Predictor:
         ready = [(row, arr) for row, arr in zip(chunk, prepared) if arr is not None]
         if ready:
             probs = classifier.run(np.stack([arr for _, arr in ready]))
-            for (row, _), pred in zip(ready, to_predictions(probs, self.classes, top_k)):
+            for (row, _), pred in zip(ready, self.decode(probs, top_k)):
                 row.prediction = pred
 
     def _prepare_row(self, row: PredictionRow) -> np.ndarray | None:

@@ -203,7 +203,7 @@ def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
     """Resolve, read and verify a bundle; refuse one this server cannot run (BundleError)."""
     bundle = read_bundle(resolve_bundle_path(model, tracking_uri), verify=True)
     if bundle.kind not in TASKS:
-        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves {' and '.join(TASKS)} bundles")
+        raise BundleError(f"bundle {bundle.path} is a {bundle.kind} model; `pixelmill serve` serves bundles of kind {', '.join(TASKS)}")
     if bundle.model_format != "onnx":
         raise BundleError(f"bundle {bundle.path} holds a {bundle.model_format} model; serve an ONNX export (`pixelmill export RUN_DIR`)")
     return bundle

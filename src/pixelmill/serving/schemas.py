@@ -28,6 +28,24 @@ class ImagePrediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class LabelSetImagePrediction(BaseModel):
+    """One image's result from a multi-label model: the labels at or above their thresholds, and every probability."""
+
+    file: str
+    labels: list[str]
+    label: str = Field(description="The most probable label (whether or not it reaches its threshold).")
+    confidence: float
+    top_k: list[TopK]
+    probabilities: dict[str, float]
+    thresholds: dict[str, float] = Field(description="The threshold applied to each label.")
+
+
+class LabelSetPredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[LabelSetImagePrediction]
+
+
 class RecordPrediction(BaseModel):
     """One record's result (tabular models): its index in ``records`` and the prediction."""
 
@@ -87,6 +105,7 @@ class ModelInfo(BaseModel):
     table_schema: Optional[dict[str, Any]] = Field(
         None, serialization_alias="schema", description="Tabular models: the run's schema.json (columns, types, categories, classes)."
     )
+    thresholds: Optional[dict[str, float]] = Field(None, description="Multi-label models: each label's decision threshold.")
 
 
 class ServerMetadata(BaseModel):

@@ -42,8 +42,14 @@ class Task:
     name: ClassVar[str]  # data.kind value and bundle.json "kind"
     title: ClassVar[str]  # for people: "image classification"
     sample_noun: ClassVar[str] = "images"  # what one input is called in logs, reports and errors
+    monitors: ClassVar[tuple[str, ...]] = ("val/acc", "val/loss", "val/f1_macro")  # what trainer.monitor may name
+    default_monitor: ClassVar[str] = "val/acc"  # trainer.monitor=auto
 
     # ---- data -------------------------------------------------------------------------
+    def recognises(self, path: Path) -> bool:
+        """Whether the data at ``path`` is unmistakably this task's, so ``data.kind`` may be left out (cheap, torch-free)."""
+        return False
+
     def load_data(self, cfg: Any, run_dir: Path | None = None) -> Any:
         """The run's data, split: an object with ``classes``, ``splits``, ``fingerprint``, ``to_summary()``.
 
@@ -84,6 +90,10 @@ class Task:
         raise NotImplementedError
 
     # ---- evaluation ---------------------------------------------------------------------
+    def choose_operating_point(self, run_dir: Path, net: Any, data: Any, prep: Any, cfg: Any) -> None:
+        """After training, before evaluation: fit what turns probabilities into decisions on the
+        validation split and save it with the run (multi-label: one threshold per label). Nothing by default."""
+
     def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
         """Run ``net`` over one split, write ``RUN_DIR/eval/<split>/``; return the metrics."""
         raise NotImplementedError

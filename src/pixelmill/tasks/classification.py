@@ -33,6 +33,19 @@ def class_weights(counts: list[int]) -> list[float]:
     return [total / (n * max(c, 1)) for c in counts]
 
 
+def module_options(cfg: Any) -> dict[str, Any]:
+    """What every classifier's LightningModule takes from the config: optimizer, schedule, monitor, batch mixing, seed."""
+    return {
+        "optim": OmegaConf.to_container(cfg.optim),
+        "scheduler": OmegaConf.to_container(cfg.scheduler),
+        "monitor": cfg.trainer.monitor,
+        "mode": cfg.trainer.mode,
+        "mixup_alpha": cfg.data.augment.mixup_alpha,
+        "cutmix_alpha": cfg.data.augment.cutmix_alpha,
+        "seed": cfg.seed,
+    }
+
+
 def lightning_module(cfg: Any, net: torch.nn.Module, data: Any):
     """Cross-entropy training around ``net``, with the config's optimizer, scheduler and class weighting."""
     from pixelmill.training.module import ClassificationModule
@@ -41,16 +54,10 @@ def lightning_module(cfg: Any, net: torch.nn.Module, data: Any):
     return ClassificationModule(
         net,
         num_classes=len(data.classes),
-        optim=OmegaConf.to_container(cfg.optim),
-        scheduler=OmegaConf.to_container(cfg.scheduler),
-        monitor=cfg.trainer.monitor,
-        mode=cfg.trainer.mode,
         class_weights=class_weights(counts) if cfg.model.class_weights == "auto" else None,
         label_smoothing=cfg.model.label_smoothing,
-        mixup_alpha=cfg.data.augment.mixup_alpha,
-        cutmix_alpha=cfg.data.augment.cutmix_alpha,
-        seed=cfg.seed,
         activation=softmax,
+        **module_options(cfg),
     )
 
 

@@ -367,10 +367,11 @@ def _evaluate_after_fit(cfg: DictConfig, task: Task, run_dir: Path, scan, net, p
     """
     from pixelmill.training.checkpoint import load_net
 
+    load_net(net, runs.checkpoint_path(run_dir, "best"))
+    task.choose_operating_point(run_dir, net, scan, prep, cfg)  # on val, with the best weights
     splits = [s for s in cfg.eval.splits if scan.splits.get(s)]
     if not splits:
         log.info("no split to evaluate (eval.splits=%s)", list(cfg.eval.splits))
         return None
-    load_net(net, runs.checkpoint_path(run_dir, "best"))
     results = {s: task.evaluate(run_dir, net, scan, prep, s, cfg) for s in splits}
     return results.get("test", results[splits[-1]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from pixelmill.serving.routes import ERRORS, engine_of, settings_of
 from pixelmill.serving.schemas import ModelInfo, PredictResponse
@@ -62,6 +62,9 @@ def _finite(value: Any) -> Any:
 async def predict(
     request: Request,
     top_k: Optional[int] = Query(None, ge=1, le=10_000, description="How many classes to list per image (default: server's top_k)."),
+    threshold: Optional[float] = Query(
+        None, ge=0.0, le=1.0, description="Multi-label models: one decision threshold for every label instead of the model's own."
+    ),
 ) -> PredictResponse:
     """Classify one or more images: multipart files (field ``files``) or JSON ``{"instances": [base64, ...]}``.
 
@@ -70,9 +73,12 @@ async def predict(
     engine, settings = engine_of(request), settings_of(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     codec = engine.codec  # the task's: images for image classification, records for tabular
+    options = {} if threshold is None else {"threshold": threshold}
+    if options and not getattr(codec, "takes_threshold", False):
+        raise HTTPException(422, f"threshold applies to multi-label models; '{engine.bundle.name}' is a {engine.task.title} model")
     ids, batch = await codec.native_inputs(request, media_type, engine, settings, request.app.state.decode_limiter)
     outputs = await engine.infer(batch)  # (N, num_classes)
-    return codec.native_response(engine, ids, outputs, top_k or settings.top_k)
+    return codec.native_response(engine, ids, outputs, top_k or settings.top_k, **options)
 
 
 @router.get("/model", response_model=ModelInfo, responses=ERRORS)
@@ -95,4 +101,5 @@ async def model_info(request: Request) -> ModelInfo:
         kind=info.kind,
         inputs=info.inputs,
         table_schema=engine.bundle.meta.get("schema"),
+        thresholds=info.thresholds,
     )

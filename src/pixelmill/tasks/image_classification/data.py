@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pixelmill.data.scan import ScanResult, scan_images
 from pixelmill.errors import BundleError, ConfigError, DataError
@@ -51,11 +51,14 @@ def evaluation_scan(cfg: Any, classes: list[str], split: str, other: Path | None
     return scan, split
 
 
-def check_images(cfg: Any, run_dir: Path, limit: int = 64) -> list[str]:
-    """Up to ``limit`` real evaluation images of the run (test split, else val), spread over the split."""
+def check_images(cfg: Any, run_dir: Path, limit: int = 64, load: Callable[[Any], ScanResult] = load_scan) -> list[str]:
+    """Up to ``limit`` real evaluation images of the run (test split, else val), spread over the split.
+
+    ``load(cfg)`` scans the run's data (the task's own scan; single-label by default).
+    """
     items: list[str] = []
     try:
-        scan = load_scan(cfg)
+        scan = load(cfg)
         split = next((s for s in ("test", "val") if scan.splits.get(s)), None)
         items = [str(p) for p, _ in scan.splits[split]] if split else []
     except (DataError, ConfigError, OSError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,14 +25,15 @@ from pixelmill.tasks.image_classification.data import check_images
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+Head = Callable[[torch.Tensor], torch.Tensor]  # (N, outputs) logits -> what the bundle returns
 
 
-def reference(net: torch.nn.Module, prep: Preprocessing, paths: list[str]) -> np.ndarray:
-    """PyTorch probabilities through the evaluation pipeline (torchvision transforms, eager net)."""
+def reference(net: torch.nn.Module, prep: Preprocessing, paths: list[str], head: Head = softmax) -> np.ndarray:
+    """PyTorch probabilities through the evaluation pipeline (torchvision transforms, eager net, the task's head)."""
     transform = eval_transform(prep)
     x = torch.stack([transform(load_image(p, prep.channels)) for p in paths])
     with torch.inference_mode():
-        return softmax(net.eval()(x)).numpy()
+        return head(net.eval()(x)).numpy()
 
 
 def _write_model(fmt: str, quantize: str | None, wrapper, work: Path, sample, opset: int):
@@ -51,17 +52,26 @@ def _write_model(fmt: str, quantize: str | None, wrapper, work: Path, sample, op
     return model_file.name, onnx_export.onnx_runner(model_file)
 
 
-def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Bundle:
-    """Export ``run`` as ``fmt`` (onnx or torchscript, int8 for onnx) after the parity check on real images."""
+def export(
+    run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: dict[str, Any],
+    head: Head = softmax, paths: list[str] | None = None, extra: dict[str, Any] | None = None,
+    thresholds: np.ndarray | None = None,
+) -> Bundle:
+    """Export ``run`` as ``fmt`` (onnx or torchscript, int8 for onnx) after the parity check on real images.
+
+    ``head`` is the activation the graph ends in (softmax; multi-label: sigmoid), ``paths`` the
+    images to check on (default: the run's evaluation images), ``extra`` more bundle.json keys,
+    ``thresholds`` the per-output decision thresholds an int8 export must keep (multi-label).
+    """
     prep: Preprocessing = run.preprocessing
-    paths = check_images(run.config, run.run_dir, options["max_images"])
+    paths = paths or check_images(run.config, run.run_dir, options["max_images"])
     batch = np.stack([to_model_input(load_image(p, prep.channels), prep) for p in paths])  # (N, H, W, C) uint8
-    expected = reference(run.net, prep, paths)
+    expected = reference(run.net, prep, paths, head)
     opset = options["opset"]
     with staged(out) as work:
-        wrapper = onnx_export.UInt8Classifier(run.net, prep, softmax).eval()
+        wrapper = onnx_export.UInt8Classifier(run.net, prep, head).eval()
         model_name, runner = _write_model(fmt, quantize, wrapper, work, torch.from_numpy(batch[:2].copy()), opset)
-        figures = agreement(expected, runner(batch))
+        figures = agreement(expected, runner(batch), thresholds)
         reason = verdict(figures, quantize, options["min_int8_agreement"])
         if reason:
             raise BundleError(f"refusing to write a bundle for '{run.run_dir}': {reason}")
@@ -74,6 +84,7 @@ def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: d
         }
         if quantize:
             meta["export"]["min_top1_agreement"] = options["min_int8_agreement"]
+        meta |= extra or {}
         write_bundle(work, meta, [model_name])
     log.info(
         "exported %s: top-1 agreement %.2f%%, max |diff| %.2e on %d images",
