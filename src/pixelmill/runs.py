@@ -43,6 +43,23 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+SPLITS_FILE = "splits.csv"  # RUN_DIR/splits.csv: where every sample of the run went
+
+
+def write_splits(run_dir: Path, data: Any) -> Path:
+    """Write ``RUN_DIR/splits.csv`` from the run's data (``split_table()``: header and one row per sample)."""
+    import csv
+    import io
+
+    header, rows = data.split_table()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_atomic(Path(run_dir) / SPLITS_FILE, buffer.getvalue())
+    return Path(run_dir) / SPLITS_FILE
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` so that readers see the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from sklearn import metrics as skm
 
 from helpers import multilabel_overrides
 from pixelmill.config import load_config
-from pixelmill.tasks.multilabel.training import positive_weights, rarest_label
+from pixelmill.tasks.multilabel.data import rarest_label
+from pixelmill.tasks.multilabel.training import positive_weights
 from pixelmill.training.checkpoint import net_state_dict, read_checkpoint
 from pixelmill.training.fit import resume, train
 
@@ -136,3 +137,12 @@ def test_multidigits_reaches_map_090(tmp_path: Path) -> None:
     result = train(load_config(args))
     assert result.test_metrics["map"] >= 0.90, result.test_metrics
     assert result.test_metrics["f1_micro"] >= 0.85, result.test_metrics
+
+
+def test_splits_csv_records_every_image_with_its_labels(multilabel_run: Path, multidigits: Path) -> None:
+    with open(multidigits, newline="") as fh:
+        manifest = {str((multidigits.parent / r["path"]).resolve()): (r["split"], r["labels"]) for r in csv.DictReader(fh)}
+    with open(multilabel_run / "splits.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "split", "labels"] and len(rows) == len(manifest) == 600
+    assert all(manifest[r["path"]] == (r["split"], r["labels"]) for r in rows)

@@ -276,3 +276,13 @@ def test_a_tabular_model_registers_and_predicts_through_the_registry(run: Path, 
     assert [r.prediction.probabilities for r in registered.predict_csv(_data(run) / "test.csv")] == [
         r.prediction.probabilities for r in Predictor.load(bundle.path).predict_csv(_data(run) / "test.csv")
     ]
+
+
+def test_splits_csv_names_every_row_and_its_class(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    with open(run / "splits.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["row", "split", "label"]
+    assert len(rows) == len({r["row"] for r in rows}) == sum(summary["data"]["counts"].values())
+    assert {r["label"] for r in rows} == set(summary["classes"])
+    assert all(":" in r["row"] and r["row"].rsplit(":", 1)[1].isdigit() for r in rows)  # file.csv:LINE

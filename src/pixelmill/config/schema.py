@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
-from pixelmill.data.choices import AUTO_AUGMENTS, CACHE_MODES, INTERPOLATIONS, LAYOUTS, SAMPLERS
+from pixelmill.data.choices import AUTO_AUGMENTS, CACHE_MODES, INTERPOLATIONS, LAYOUTS, LEAKAGE, SAMPLERS
 from pixelmill.tasks import TASKS
 
 # Choice lists of the keys outside data.* (those live in pixelmill.data.choices), each defined
@@ -51,10 +51,12 @@ class DataConfig:
     # Decoded, resized images kept after their first read: none, memory (shared RAM) or disk (mmap file).
     cache: str = "none"
     sampler: str = "shuffle"
+    leakage: str = "warn"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     target: Optional[str] = None
     columns: dict[str, str] = field(default_factory=dict)
     label_separator: str = "|"
+    group_column: Optional[str] = None
     no_label: str = "No Finding"
 
 
@@ -160,6 +162,7 @@ CHOICES: dict[str, Collection[str]] = {
     "data.kind": TASKS.keys(),  # a live view: a task registered by a plug-in is a valid data.kind
     "data.layout": LAYOUTS,
     "data.sampler": SAMPLERS,
+    "data.leakage": LEAKAGE,
     "data.cache": CACHE_MODES,
     "data.interpolation": INTERPOLATIONS,
     "data.augment.auto_augment": AUTO_AUGMENTS,
@@ -252,10 +255,12 @@ DOCS: dict[str, str] = {
     "data.num_workers": "data-loader worker processes (0: load in the training process)",
     "data.cache": "keep decoded, resized images after their first read: in shared RAM or a memory-mapped file",
     "data.sampler": "batch order: shuffle, or balanced (every class equally often)",
+    "data.leakage": "byte-identical images in two splits: warn (listed in summary.json and the report) or error",
     "data.target": "tabular only: the CSV column to predict",
     "data.columns": "tabular only: column types that override inference, e.g. {zip: categorical, id: ignore}",
     "data.label_separator": "multilabel only: what separates an image's labels in the manifest's labels cell",
     "data.no_label": "multilabel only: the labels cell that means no label (an empty cell always does)",
+    "data.group_column": "a manifest column (patient, lesion, part, lot): a group never spans two splits",
     "data.augment.hflip": "random horizontal flips",
     "data.augment.vflip": "random vertical flips",
     "data.augment.rotation": "random rotation up to this many degrees either way",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 LAYOUTS: tuple[str, ...] = ("auto", "split", "flat", "csv")  # data.layout: data/scan.py
 SAMPLERS: tuple[str, ...] = ("shuffle", "balanced")  # data.sampler: data/datamodule.py
+LEAKAGE: tuple[str, ...] = ("warn", "error")  # data.leakage: data/scan.py check_leakage
 CACHE_MODES: tuple[str, ...] = ("none", "memory", "disk")  # data.cache: data/cache.py
 # data.interpolation: data/preprocess.py maps them to PIL filters; torchvision's InterpolationMode
 # has the same names as its values (InterpolationMode("bicubic")).

@@ -27,7 +27,7 @@ import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -81,6 +81,8 @@ class ScanResult:
     splits: dict[str, list[tuple[str, int]]]
     bad: list[BadFile]
     fingerprint: str
+    leaks: list[dict] = field(default_factory=list)  # byte-identical files in more than one split (find_leaks)
+    groups: dict[str, str] = field(default_factory=dict)  # path -> group (data.group_column), when the data has groups
 
     def counts(self) -> dict[str, int]:
         """Number of images per split."""
@@ -109,13 +111,32 @@ class ScanResult:
             "skipped": self.bad_counts(),
             "skipped_files": [{"path": _printable(_relative(b.path, self.root)), "reason": b.reason} for b in self.bad],
             "fingerprint": self.fingerprint,
+            "leaks": [
+                {"sha256": leak["sha256"], "files": [{"path": _printable(_relative(f["path"], self.root)), "split": f["split"]} for f in leak["files"]]}
+                for leak in self.leaks
+            ],
         }
+
+    def label_text(self, label: int) -> str:
+        """A split item's label as people read it (its class name)."""
+        return self.classes[label]
+
+    def split_table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of ``splits.csv``: where every file of the run went, and its label."""
+        rows = [[_printable(path), split, self.label_text(label)] for split, items in self.splits.items() for path, label in items]
+        if self.groups:
+            return ["path", "split", "label", "group"], [[*row, self.groups.get(path, "")] for row, (path, _) in zip(rows, self._items())]
+        return ["path", "split", "label"], rows
+
+    def _items(self) -> list[tuple[str, object]]:
+        return [item for items in self.splits.values() for item in items]
 
 
 class _Found(NamedTuple):
     path: str
     label: str
     split: str | None  # fixed by the layout (split folders, manifest column) or None
+    group: str | None = None  # the manifest's data.group_column (patient, lesion, part, lot)
 
 
 def scan_images(
@@ -127,8 +148,12 @@ def scan_images(
     seed: int = 42,
     max_pixels: int = 89_478_485,
     workers: int = 4,
+    group_column: str | None = None,
 ) -> ScanResult:
     """Find, verify and split the images under ``path`` (a folder or a CSV manifest).
+
+    ``group_column`` names a manifest column (patient, lesion, part): automatic splits keep each
+    group in one split, and user-given splits may not share a group.
 
     Raises ``DataError`` (one line, says what to do) when the data cannot be used at all;
     single bad files are skipped and reported in ``ScanResult.bad``.
@@ -141,7 +166,9 @@ def scan_images(
         )
     layout = _detect_layout(target) if layout == "auto" else layout
     started = time.perf_counter()
-    root, classes, found = _FINDERS[layout](target)
+    if group_column and layout != "csv":
+        raise DataError(f"data.group_column={group_column} needs a CSV manifest with that column; '{target}' is a {layout} folder")
+    root, classes, found = _find_csv(target, group_column) if layout == "csv" else _FINDERS[layout](target)
     if not found:
         kinds = ", ".join(IMAGE_EXTENSIONS)
         raise DataError(f"no images found in '{target}'; expected {_LAYOUT_HINT[layout]} ({kinds})")
@@ -157,6 +184,16 @@ def scan_images(
     _check_classes(classes, [f for f, _ in good], bad, by_split=any(f.split for f in found))
     splits = _assign_splits([f for f, _ in good], classes, val_ratio, test_ratio, seed)
     result = ScanResult(root, layout, classes, splits, bad, fingerprint([(f.path, f.label, sha) for f, sha in good], root))
+    result.leaks = find_leaks(splits, {f.path: sha for f, sha in good})
+    if group_column:
+        result.groups = {f.path: f.group for f, _ in good if f.group is not None}
+        in_train = {y for _, y in splits["train"]}
+        missing = [name for i, name in enumerate(classes) if i not in in_train]
+        if missing:
+            raise DataError(
+                f"class '{missing[0]}' has no train images once whole groups stay together (data.group_column={group_column}); "
+                "add groups with it or lower data.val_ratio / data.test_ratio"
+            )
 
     if bad:
         reasons = ", ".join(f"{n} {reason}" for reason, n in result.bad_counts().items())
@@ -249,13 +286,13 @@ def _find_split(root: str) -> tuple[str, list[str], list[_Found]]:
     return root, classes, found
 
 
-def _find_csv(manifest: str) -> tuple[str, list[str], list[_Found]]:
+def _find_csv(manifest: str, group_column: str | None = None) -> tuple[str, list[str], list[_Found]]:
     if not os.path.isfile(manifest):
         raise DataError(f"layout=csv needs a CSV manifest but '{manifest}' is a folder")
     root = os.path.dirname(manifest)
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            rows = _read_manifest(manifest, root, fh)
+            rows = _read_manifest(manifest, root, fh, group_column)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(
             f"cannot read manifest '{manifest}' ({exc}); save it as a UTF-8 CSV with header path,label"
@@ -274,7 +311,7 @@ def _find_csv(manifest: str) -> tuple[str, list[str], list[_Found]]:
     return root, classes, found
 
 
-def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
+def _read_manifest(manifest: str, root: str, fh: io.TextIOBase, group_column: str | None = None) -> list[_Found]:
     reader = csv.DictReader(fh)
     header = [(name or "").strip().lower() for name in (reader.fieldnames or [])]
     missing = [name for name in ("path", "label") if name not in header]
@@ -289,6 +326,7 @@ def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
             "its header must be path,label (optionally split)"
         )
     reader.fieldnames = header
+    group_key = check_group_column(manifest, header, group_column)
     rows = []
     for row in reader:
         rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -304,7 +342,8 @@ def _read_manifest(manifest: str, root: str, fh: io.TextIOBase) -> list[_Found]:
                 raise DataError(
                     f"manifest '{manifest}' line {reader.line_num} has split '{value}'; use train, val or test"
                 )
-        rows.append(_Found(os.path.abspath(os.path.join(root, rel)), label, split))
+        group = group_of(manifest, row, reader.line_num, group_key)
+        rows.append(_Found(os.path.abspath(os.path.join(root, rel)), label, split, group))
     return rows
 
 
@@ -488,17 +527,120 @@ def _assign_splits(
     good: list[_Found], classes: list[str], val_ratio: float, test_ratio: float, seed: int
 ) -> dict[str, list[tuple[str, int]]]:
     index = {name: i for i, name in enumerate(classes)}
+    groups = {f.path: f.group for f in good if f.group is not None}
     items = sorted((f.path, index[f.label], f.split) for f in good)
     if all(split is None for _, _, split in items):
-        parts = split_indices([label for _, label, _ in items], val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
+        labels = [label for _, label, _ in items]
+        if groups:
+            parts = group_split_indices(labels, [groups[p] for p, _, _ in items], val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
+        else:
+            parts = split_indices(labels, val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
         return {split: [items[i][:2] for i in parts[split]] for split in SPLITS}
+    if groups:
+        check_group_splits([(p, s, groups[p]) for p, _, s in items])
     splits = {split: [(p, label) for p, label, s in items if s == split] for split in SPLITS}
     if not splits["val"]:  # no val folder / rows: carve it from train
         train = splits["train"]
         labels = [label for _, label in train]
-        keep, held = _holdout(list(range(len(train))), labels, held_count(val_ratio, len(train)), seed)
+        count = held_count(val_ratio, len(train))
+        if groups:
+            keep, held = group_holdout(list(range(len(train))), labels, [groups[p] for p, _ in train], count, seed)
+        else:
+            keep, held = _holdout(list(range(len(train))), labels, count, seed)
         splits["train"], splits["val"] = [train[i] for i in keep], [train[i] for i in held]
     return splits
+
+
+def find_leaks(splits: dict[str, list[tuple[str, object]]], sha256: dict[str, str]) -> list[dict]:
+    """Byte-identical files (one sha256) that sit in more than one split: a model evaluated on a copy of a
+    training image scores what it memorised. ``[{"sha256": ..., "files": [{"path", "split"}, ...]}]``, sorted."""
+    by_hash: dict[str, list[dict[str, str]]] = {}
+    for split, items in splits.items():
+        for path, _ in items:
+            by_hash.setdefault(sha256[path], []).append({"path": path, "split": split})
+    leaks = []
+    for digest, files in sorted(by_hash.items()):
+        if len({f["split"] for f in files}) > 1:
+            leaks.append({"sha256": digest, "files": sorted(files, key=lambda f: (SPLITS.index(f["split"]) if f["split"] in SPLITS else 9, f["path"]))})
+    return leaks
+
+
+def check_leakage(scan: ScanResult, policy: str) -> None:
+    """``data.leakage``: ``warn`` logs the duplicated files across splits, ``error`` refuses them (DataError)."""
+    if not scan.leaks:
+        return
+    first = scan.leaks[0]["files"]
+    example = f"'{_relative(first[0]['path'], scan.root)}' ({first[0]['split']}) = '{_relative(first[1]['path'], scan.root)}' ({first[1]['split']})"
+    text = f"{len(scan.leaks)} image(s) sit byte-identical in more than one split, e.g. {example}"
+    if policy == "error":
+        raise DataError(f"{text}; remove the copies (summary.json 'leaks' lists them) or set data.leakage=warn")
+    logger.warning("%s; test figures on them are optimistic (listed in summary.json 'leaks'; data.leakage=error refuses)", text)
+
+
+def check_group_column(manifest: str, header: list[str], group_column: str | None) -> str | None:
+    """The header key of ``data.group_column`` (None when unset); DataError when the manifest lacks it."""
+    if not group_column:
+        return None
+    key = group_column.strip().lower()
+    if key not in header:
+        raise DataError(f"manifest '{manifest}' has no column '{group_column}' (data.group_column); its columns are {', '.join(header)}")
+    return key
+
+
+def group_of(manifest: str, row: dict, line: int, key: str | None) -> str | None:
+    """One row's group; DataError naming the line when its cell is empty."""
+    if key is None:
+        return None
+    value = (row.get(key) or "").strip()
+    if not value:
+        raise DataError(f"manifest '{manifest}' line {line} has an empty {key}; fill in its group (data.group_column) or delete the row")
+    return value
+
+
+def check_group_splits(entries: Sequence[tuple[str, str | None, str]]) -> None:
+    """User-given splits: DataError when one group (patient, part...) has files in two splits."""
+    where: dict[str, dict[str, str]] = {}
+    for path, split, group in entries:
+        seen = where.setdefault(group, {})
+        seen.setdefault(str(split), path)
+        if len(seen) > 1:
+            (s1, p1), (s2, p2) = list(seen.items())[:2]
+            raise DataError(
+                f"group '{group}' (data.group_column) is in {s1} ('{os.path.basename(p1)}') and {s2} ('{os.path.basename(p2)}'); "
+                "put each group's files in one split"
+            )
+
+
+def group_holdout(positions: list[int], labels: Sequence, groups: Sequence[str], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``positions`` into sorted (kept, held out) with about ``count`` held out, whole groups only,
+    stratified by ``labels`` as far as the groups allow (scikit-learn's StratifiedGroupKFold, one fold held out).
+
+    ``labels[i]`` and ``groups[i]`` belong to ``positions[i]``.
+    """
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    count = min(count, len(positions) - 1)
+    if count <= 0:
+        return sorted(positions), []
+    at, group_at = np.asarray(positions), np.asarray(groups)
+    n_groups = len(set(group_at.tolist()))
+    if n_groups < 2:
+        raise DataError("data.group_column: every file is in one group; a split needs at least 2 groups")
+    folds = int(min(n_groups, max(2, round(len(at) / count))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        kept, held = next(splitter.split(np.zeros(len(at)), np.asarray(labels), group_at))
+    return sorted(at[kept].tolist()), sorted(at[held].tolist())
+
+
+def group_split_indices(labels: Sequence, groups: Sequence[str], *, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+    """Like ``split_indices``, but every group lands in one split (``group_holdout`` twice)."""
+    n = len(labels)
+    rest, test = group_holdout(list(range(n)), labels, groups, held_count(test_ratio, n), seed)
+    train, val = group_holdout(rest, [labels[i] for i in rest], [groups[i] for i in rest], held_count(val_ratio, n), seed)
+    return {"train": train, "val": val, "test": test}
 
 
 def split_of(value: str) -> str | None:

@@ -307,6 +307,10 @@ class TabularData:
         labels = np.bincount([y for _, y in self.splits[split]], minlength=len(self.classes))
         return {name: int(n) for name, n in zip(self.classes, labels)}
 
+    def split_table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of ``splits.csv``: where every row of the run went (``file.csv:LINE``), and its class."""
+        return ["row", "split", "label"], [[row, split, self.classes[y]] for split, items in self.splits.items() for row, y in items]
+
     def to_summary(self) -> dict[str, Any]:
         """JSON-ready summary for summary.json (the report's Data and Features sections)."""
         return {

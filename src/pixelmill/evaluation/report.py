@@ -188,6 +188,8 @@ def _data_context(summary: RunSummary, multilabel: bool) -> dict[str, Any] | Non
         "skipped": data.get("skipped"),  # None: the task's data has no files to skip (CSV rows)
         "skipped_files": skipped_files[:MAX_SKIPPED_LISTED],
         "skipped_more": max(0, len(skipped_files) - MAX_SKIPPED_LISTED),
+        "leaks": (data.get("leaks") or [])[:MAX_SKIPPED_LISTED],  # byte-identical files in several splits
+        "leaks_total": len(data.get("leaks") or []),
         "label_sets": multilabel,
         # Single-label reports list no per-class counts; a multi-label run shows its label frequencies.
         "label_counts": _label_counts(data) if multilabel else None,

@@ -84,6 +84,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
     task.save_preprocessing(run_dir, prep)
+    runs.write_splits(run_dir, scan)
     runs.update_summary(
         run_dir,
         run_name=run_dir.name,
@@ -370,6 +371,10 @@ def _evaluate_after_fit(cfg: DictConfig, task: Task, run_dir: Path, scan, net, p
     load_net(net, runs.checkpoint_path(run_dir, "best"))
     task.choose_operating_point(run_dir, net, scan, prep, cfg)  # on val, with the best weights
     splits = [s for s in cfg.eval.splits if scan.splits.get(s)]
+    if not splits and "test" in cfg.eval.splits and scan.splits.get("val"):
+        # A train/val-only dataset still gets figures, with the caveat stated.
+        log.warning("no test split: evaluated val instead; it also chose the best epoch, so its figures are optimistic (add test data or set data.test_ratio)")
+        splits = ["val"]
     if not splits:
         log.info("no split to evaluate (eval.splits=%s)", list(cfg.eval.splits))
         return None

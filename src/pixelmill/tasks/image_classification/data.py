@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from pixelmill.data.scan import ScanResult, scan_images
+from pixelmill.data.scan import ScanResult, check_leakage, scan_images
 from pixelmill.errors import BundleError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -19,10 +19,12 @@ def load_scan(cfg: Any) -> ScanResult:
     if not cfg.data.path:
         raise ConfigError("data.path is not set; pass data.path=DIR (one sub-folder per class) or a CSV manifest")
     scan = scan_images(
-        cfg.data.path, layout=cfg.data.layout, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed
+        cfg.data.path, layout=cfg.data.layout, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed,
+        group_column=cfg.data.group_column,
     )
     if not scan.splits.get("val"):
         raise DataError("no validation images: add a val/ folder or set data.val_ratio above 0")
+    check_leakage(scan, cfg.data.leakage)
     return scan
 
 

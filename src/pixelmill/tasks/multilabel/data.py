@@ -21,7 +21,23 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pixelmill.data.scan import SPLITS, BadFile, ScanResult, check_ratios, fingerprint, held_count, split_of, verify_files
+from pixelmill.data.scan import (
+    SPLITS,
+    BadFile,
+    ScanResult,
+    check_group_column,
+    check_group_splits,
+    check_leakage,
+    check_ratios,
+    find_leaks,
+    fingerprint,
+    group_holdout,
+    group_of,
+    group_split_indices,
+    held_count,
+    split_of,
+    verify_files,
+)
 from pixelmill.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -53,12 +69,20 @@ class MultiLabelScan(ScanResult):
     def to_summary(self) -> dict:
         return super().to_summary() | {"no_label_counts": self.no_label_counts()}
 
+    def label_text(self, label: np.ndarray) -> str:  # type: ignore[override]
+        return "|".join(name for name, on in zip(self.classes, label) if on)
+
+    def split_table(self) -> tuple[list[str], list[list[str]]]:
+        header, rows = super().split_table()
+        return ["path", "split", "labels", *header[3:]], rows
+
 
 class _Row(NamedTuple):
     path: str
     labels: tuple[str, ...]
     split: str | None
     line: int
+    group: str | None = None
 
 
 def load_scan(cfg: Any) -> MultiLabelScan:
@@ -74,9 +98,11 @@ def load_scan(cfg: Any) -> MultiLabelScan:
         val_ratio=data.val_ratio,
         test_ratio=data.test_ratio,
         seed=cfg.seed,
+        group_column=data.group_column,
     )
     if not scan.splits.get("val"):
         raise DataError("no validation images: add rows with split=val to the manifest or set data.val_ratio above 0")
+    check_leakage(scan, data.leakage)
     return scan
 
 
@@ -90,6 +116,7 @@ def scan_manifest(
     test_ratio: float = 0.15,
     seed: int = 42,
     classes: list[str] | None = None,
+    group_column: str | None = None,
 ) -> MultiLabelScan:
     """Read, verify and split a multi-label manifest. ``classes`` fixes the label set (a trained run's)."""
     check_ratios(val_ratio, test_ratio)
@@ -107,7 +134,7 @@ def scan_manifest(
         raise ConfigError("data.label_separator is empty; set it to the character between labels, e.g. '|'")
     started = time.perf_counter()
     root = os.path.dirname(manifest)
-    rows = _read_rows(manifest, root, separator, no_label)
+    rows = _read_rows(manifest, root, separator, no_label, group_column)
     has_split = any(row.split for row in rows)
     known = sorted({label for row in rows if not has_split or row.split == "train" for label in row.labels})
     fixed = classes is not None
@@ -136,11 +163,12 @@ def scan_manifest(
         target = np.zeros(len(classes), np.float32)
         target[[index[label] for label in row.labels]] = 1.0
         items.append((row.path, target, row.split))
-    splits = _assign_splits(items, val_ratio, test_ratio, seed)
+    groups = {row.path: row.group for row, _ in good if row.group is not None}
+    splits = _assign_splits(items, val_ratio, test_ratio, seed, groups)
     if not fixed:
         _check_train_labels(manifest, classes, splits["train"], len(bad))
     print_fp = fingerprint([(row.path, separator.join(row.labels), sha) for row, sha in good], root)
-    scan = MultiLabelScan(root, "csv", list(classes), splits, bad, print_fp)
+    scan = MultiLabelScan(root, "csv", list(classes), splits, bad, print_fp, find_leaks(splits, {row.path: sha for row, sha in good}), groups)
     if bad:
         reasons = ", ".join(f"{n} {reason}" for reason, n in scan.bad_counts().items())
         log.warning("skipped %d bad image file(s) in '%s': %s", len(bad), root, reasons)
@@ -151,7 +179,7 @@ def scan_manifest(
     return scan
 
 
-def _read_rows(manifest: str, root: str, separator: str, no_label: str) -> list[_Row]:
+def _read_rows(manifest: str, root: str, separator: str, no_label: str, group_column: str | None = None) -> list[_Row]:
     """Every row of the manifest, checked cell by cell; the first row of a path twice is kept."""
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
@@ -164,7 +192,11 @@ def _read_rows(manifest: str, root: str, separator: str, no_label: str) -> list[
                     f"{','.join(header) or 'empty'}{hint}"
                 )
             reader.fieldnames = header
-            rows = [_parse_row(manifest, root, row, reader.line_num, separator, no_label) for row in reader]
+            group_key = check_group_column(manifest, header, group_column)
+            rows = [
+                _parse_row(manifest, root, row, reader.line_num, separator, no_label)._replace(group=group_of(manifest, row, reader.line_num, group_key))
+                for row in reader
+            ]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read manifest '{manifest}' ({exc}); save it as a UTF-8 CSV with header path,labels") from None
     if not rows:
@@ -226,20 +258,44 @@ def _check_train_labels(manifest: str, classes: list[str], train: list[tuple[str
             )
 
 
-def _assign_splits(items: list[tuple[str, np.ndarray, str | None]], val_ratio: float, test_ratio: float, seed: int):
+def _assign_splits(
+    items: list[tuple[str, np.ndarray, str | None]], val_ratio: float, test_ratio: float, seed: int, groups: dict[str, str] | None = None
+):
+    """Split items; with ``groups`` (path -> group) whole groups only, stratified by each image's rarest label."""
     pairs = [(path, y) for path, y, _ in items]
     if all(split is None for _, _, split in items):
         targets = np.stack([y for _, y in pairs])
+        if groups:
+            keys, names = rarest_label(targets).tolist(), [groups[p] for p, _ in pairs]
+            parts = group_split_indices(keys, names, val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
+            return {split: [pairs[i] for i in parts[split]] for split in SPLITS}
         rest, test = _stratified_holdout(np.arange(len(pairs)), targets, held_count(test_ratio, len(pairs)), seed)
         train, val = _stratified_holdout(rest, targets, held_count(val_ratio, len(pairs)), seed)
         return {"train": [pairs[i] for i in train], "val": [pairs[i] for i in val], "test": [pairs[i] for i in test]}
+    if groups:
+        check_group_splits([(path, split, groups[path]) for path, _, split in items])
     splits = {split: [(path, y) for path, y, s in items if s == split] for split in SPLITS}
     if not splits["val"]:  # no val rows: carve it from train
         train = splits["train"]
         targets = np.stack([y for _, y in train])
-        keep, held = _stratified_holdout(np.arange(len(train)), targets, held_count(val_ratio, len(train)), seed)
+        count = held_count(val_ratio, len(train))
+        if groups:
+            keep, held = group_holdout(list(range(len(train))), rarest_label(targets).tolist(), [groups[p] for p, _ in train], count, seed)
+        else:
+            keep, held = _stratified_holdout(np.arange(len(train)), targets, count, seed)
         splits["train"], splits["val"] = [train[i] for i in keep], [train[i] for i in held]
     return splits
+
+
+def rarest_label(targets: np.ndarray) -> np.ndarray:
+    """Per image the index of its least frequent label in ``targets`` (L for an image without labels).
+
+    The key of group-aware splits and of the balanced sampler: balancing it gives rare findings
+    as many draws as common ones, the usual multi-label reading of class balancing.
+    """
+    counts = targets.sum(axis=0)
+    keyed = np.where(targets > 0, counts[None, :], np.inf)
+    return np.where(np.isinf(keyed).all(axis=1), targets.shape[1], keyed.argmin(axis=1)).astype(np.int64)
 
 
 def _stratified_holdout(positions: np.ndarray | list[int], targets: np.ndarray, count: int, seed: int) -> tuple[list[int], list[int]]:

@@ -17,6 +17,7 @@ from pixelmill.data.datamodule import ImageDataModule
 from pixelmill.data.images import SeededSampler
 from pixelmill.errors import RunError
 from pixelmill.tasks.classification import module_options
+from pixelmill.tasks.multilabel.data import rarest_label
 from pixelmill.training.module import ClassificationModule
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,6 @@ class MultiLabelDataModule(ImageDataModule):
         targets = self.scan.targets("train")
         sampler = SeededSampler(rarest_label(targets).tolist(), self.seed, balanced=self.cfg.sampler == "balanced")
         return self._loader(dataset, self.cfg.batch_size, sampler)
-
-
-def rarest_label(targets: np.ndarray) -> np.ndarray:
-    """Per image the index of its least frequent label in ``targets`` (L for an image without labels).
-
-    Balancing these keys gives rare findings as many draws as common ones, the usual
-    multi-label reading of class-balanced sampling.
-    """
-    counts = targets.sum(axis=0)
-    keyed = np.where(targets > 0, counts[None, :], np.inf)
-    return np.where(np.isinf(keyed).all(axis=1), targets.shape[1], keyed.argmin(axis=1)).astype(np.int64)
 
 
 def lightning_module(cfg: Any, net: torch.nn.Module, data: Any) -> MultiLabelModule:

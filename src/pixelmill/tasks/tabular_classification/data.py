@@ -7,11 +7,13 @@ from typing import Any
 
 from pixelmill.data.tabular import TabularData, load_csv_for_eval, load_tabular
 from pixelmill.data.tabular_preprocess import read_schema
-from pixelmill.errors import DataError
+from pixelmill.errors import ConfigError, DataError
 
 
 def load_rows(cfg: Any, run_dir: Path | None = None) -> TabularData:
     """The run's CSV rows, typed by ``run_dir``'s saved schema when given (else inferred)."""
+    if cfg.data.get("group_column"):
+        raise ConfigError("data.group_column applies to image manifests; for tabular data split the CSV by group into train.csv/val.csv/test.csv")
     return load_tabular(cfg.data, cfg.seed, schema=read_schema(run_dir) if run_dir else None)
 
 
