@@ -85,6 +85,8 @@ def test_metrics_json_agrees_with_scikit_learn(multilabel_run: Path) -> None:
         assert row["ap"] == pytest.approx(skm.average_precision_score(y[:, j], p[:, j]), abs=1e-4)
     for plot in m["plots"]:
         assert (split / plot).stat().st_size > 2000
+    for key in ("map", "auc_macro", "f1_micro", "f1_macro"):  # 95% bootstrap intervals around each figure
+        assert m["ci95"][key][0] <= m[key] <= m["ci95"][key][1]
     summary = json.loads((multilabel_run / "summary.json").read_text())
     assert summary["eval"]["test"]["map"] == pytest.approx(m["map"])
     assert summary["data"]["class_counts"]["test"]["7"] == int(y[:, labels.index("7")].sum())

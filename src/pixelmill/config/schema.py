@@ -138,6 +138,7 @@ class EvalConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5])
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
     threshold: str = "max_f1"  # multi-label decision rule per label, or a fixed probability
+    bootstrap: int = 1000  # resamples of the 95% confidence intervals (0: none)
 
 
 @dataclass
@@ -210,6 +211,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "trainer.log_every_n_steps": (1, None, True),
     "trainer.num_nodes": (1, None, True),
     "seed": (0, 2**32 - 1, True),
+    "eval.bootstrap": (0, 100_000, True),
 }
 
 # What `pixelmill config` prints for the keys whose type annotation is Any.
@@ -314,5 +316,6 @@ DOCS: dict[str, str] = {
     "tracking.wandb.mode": "online, offline or disabled (auto: online when WANDB_API_KEY is set)",
     "eval.top_k": "k values of the top-k accuracies reported",
     "eval.splits": "splits evaluated with the best checkpoint after training",
+    "eval.bootstrap": "resamples of the seeded 95% bootstrap intervals of test metrics (ci95 in metrics.json; 0: skip)",
     "eval.threshold": "multilabel: per-label decision threshold chosen on val (max_f1) or one fixed probability, e.g. 0.5",
 }

@@ -201,9 +201,12 @@ def write_evaluation(
     sample_ids: list[str],
     top_k: Sequence[int] = (1, 5),
     images: Callable[[str], Image.Image] | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Write metrics.json, classification_report.txt, predictions.csv and plots into ``out_dir``.
 
+    ``bootstrap`` resamples (seeded by ``seed``) add 95% intervals as ``ci95`` (``evaluation/bootstrap.py``).
     Plots: confusion_matrix.png, confusion_matrix_normalized.png, roc.png, pr.png, and
     misclassified.png when ``images`` (sample id -> PIL image) is given and there are mistakes.
     Returns the metrics dict (as in ``compute_metrics``).
@@ -217,6 +220,11 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     metrics = compute_metrics(y, p, class_names, top_k=top_k)
+    if bootstrap > 0:
+        from pixelmill.evaluation.bootstrap import confidence_intervals, single_label_statistics
+
+        metrics["ci95"] = confidence_intervals(single_label_statistics(y, p), len(y), bootstrap, seed)
+        metrics["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed), "level": 0.95}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
     (out_dir / REPORT_FILE).write_text(classification_report_text(y, p, class_names), encoding="utf-8")
     _write_predictions(out_dir / PREDICTIONS_FILE, y, p, class_names, sample_ids)

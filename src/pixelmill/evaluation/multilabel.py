@@ -239,11 +239,14 @@ def write_multilabel_evaluation(
     thresholds: np.ndarray,
     labels: list[str],
     paths: list[str],
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Write ``out_dir/metrics.json``, ``out_dir/predictions.csv`` and ``out_dir/plots/*.png``; return the metrics.
 
     The metrics are those of :func:`multilabel_metrics` plus ``plots``: the PNG files written,
-    relative to ``out_dir`` (ROC and PR curves per label, TP/FP/FN/TN per label, co-occurrence).
+    relative to ``out_dir`` (ROC and PR curves per label, TP/FP/FN/TN per label, co-occurrence),
+    and with ``bootstrap`` resamples (seeded by ``seed``) 95% intervals as ``ci95``.
     """
     from pixelmill.evaluation import plots  # matplotlib: only when plots are written
 
@@ -255,6 +258,11 @@ def write_multilabel_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     metrics = multilabel_metrics(y, p, t, names)
+    if bootstrap > 0:
+        from pixelmill.evaluation.bootstrap import confidence_intervals, multilabel_statistics
+
+        metrics["ci95"] = confidence_intervals(multilabel_statistics(y, p, t), len(y), bootstrap, seed)
+        metrics["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed), "level": 0.95}
     y_pred = _predict(p, t)
     _write_predictions(out_dir / PREDICTIONS_FILE, y, p, y_pred, names, [str(s) for s in paths])
 

@@ -151,7 +151,14 @@ def _metric_rows(splits: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
     order = {key: i for i, key in enumerate(MULTILABEL_METRIC_ORDER if multilabel else METRIC_ORDER)}
     # Known metrics first, then top-k and the rest in file order, the sample count last.
     keys.sort(key=lambda k: (k == "n", order.get(k, len(order))))
-    return [(key, [split["metrics"].get(key) for split in splits]) for key in keys]
+    return [(key, [_cell(split["metrics"], key) for split in splits]) for key in keys]
+
+
+def _cell(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """One metrics-table cell: the value and, when the evaluation bootstrapped it, its 95% interval."""
+    ci = (metrics.get("ci95") or {}).get(key) if isinstance(metrics.get("ci95"), dict) else None
+    valid = isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)
+    return {"value": metrics.get(key), "ci": ci if valid else None}
 
 
 def _label_counts(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -247,6 +254,7 @@ def write_report(run_dir: Path) -> Path:
         "training_plot": _data_uri(training_plot) if training_plot else None,
         "splits": splits,
         "metric_rows": _metric_rows(splits),
+        "any_ci": any(isinstance(s["metrics"].get("ci95"), dict) and s["metrics"]["ci95"] for s in splits),
         "any_multilabel": any(s["label_sets"] for s in splits),
         "all_multilabel": bool(splits) and all(s["label_sets"] for s in splits),
         "has_misclassified": any(s["misclassified"] for s in splits),

@@ -72,7 +72,9 @@ def predict_probs(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str, top_k: list[int], images=None) -> dict[str, Any]:
+def evaluate(
+    run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str, top_k: list[int], images=None, bootstrap: int = 0, seed: int = 0
+) -> dict[str, Any]:
     """Evaluate ``net`` on ``loader`` (one split of ``data``); write ``eval/<split>/``, update summary.json.
 
     ``images(path) -> PIL image`` lets the plots show the most confidently misclassified inputs.
@@ -81,7 +83,9 @@ def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str,
 
     y_true, probs = predict_probs(net, loader)
     paths = [path for path, _ in data.splits[split]]  # image paths, or 'file.csv:LINE' row ids
-    metrics = write_evaluation(Path(run_dir) / "eval" / split, y_true, probs, data.classes, paths, top_k=top_k, images=images)
+    metrics = write_evaluation(
+        Path(run_dir) / "eval" / split, y_true, probs, data.classes, paths, top_k=top_k, images=images, bootstrap=bootstrap, seed=seed
+    )
     evals = runs.load_summary(run_dir).eval
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)

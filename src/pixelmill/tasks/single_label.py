@@ -34,4 +34,6 @@ class SingleLabelTask(Task):
         from pixelmill.tasks.classification import evaluate
 
         loader = self.datamodule(cfg, data, prep).eval_loader(split)
-        return evaluate(run_dir, loader, data, net, split, list(cfg.eval.top_k), images=self.eval_images(prep))
+        return evaluate(
+            run_dir, loader, data, net, split, list(cfg.eval.top_k), images=self.eval_images(prep), bootstrap=cfg.eval.bootstrap, seed=cfg.seed
+        )

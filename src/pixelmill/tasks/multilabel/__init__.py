@@ -76,7 +76,7 @@ class MultiLabelClassification(ImageClassification):
     def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
         from pixelmill.tasks.multilabel.training import evaluate
 
-        return evaluate(run_dir, self.datamodule(cfg, data, prep).eval_loader(split), data, net, split)
+        return evaluate(run_dir, self.datamodule(cfg, data, prep).eval_loader(split), data, net, split, cfg.eval.bootstrap, cfg.seed)
 
     def export(self, run: Any, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Any:
         import numpy as np

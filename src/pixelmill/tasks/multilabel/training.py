@@ -156,7 +156,7 @@ def read_thresholds(run_dir: Path, classes: list[str]) -> dict[str, float]:
     return {k: float(v) for k, v in thresholds.items()}
 
 
-def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str) -> dict[str, Any]:
+def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str, bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Evaluate ``net`` on one split at the run's thresholds; write ``eval/<split>/``, update summary.json."""
     from pixelmill.evaluation.multilabel import write_multilabel_evaluation
 
@@ -164,7 +164,7 @@ def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str)
     y_true, probs = predict_probs(net, loader)
     paths = [path for path, _ in data.splits[split]]
     t = np.array([thresholds[c] for c in data.classes])
-    metrics = write_multilabel_evaluation(Path(run_dir) / "eval" / split, y_true, probs, t, data.classes, paths)
+    metrics = write_multilabel_evaluation(Path(run_dir) / "eval" / split, y_true, probs, t, data.classes, paths, bootstrap, seed)
     evals = runs.load_summary(run_dir).eval
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)
