@@ -30,7 +30,9 @@ from pixelmill.evaluation.report import write_report
 LABELS = ["cat", "dog", "car", "tree", "person", "sky"]
 PLOTS = ["plots/roc.png", "plots/pr.png", "plots/label_confusion.png", "plots/label_cooccurrence.png"]
 SCALAR_KEYS = {"n", "map", "auc_macro", "f1_micro", "f1_macro", "precision_micro", "recall_micro", "precision_macro", "recall_macro", "subset_accuracy", "hamming_loss", "label_cardinality", "no_label_share"}
-PER_LABEL_KEYS = {"precision", "recall", "f1", "auc", "ap", "support", "threshold", "tp", "fp", "fn", "tn"}
+PER_LABEL_KEYS = {
+    "precision", "recall", "f1", "auc", "ap", "support", "threshold", "tp", "fp", "fn", "tn", "sensitivity", "specificity", "ppv", "npv",
+}
 HEADLINE = ["map", "auc_macro", "f1_micro", "f1_macro", "subset_accuracy", "hamming_loss"]
 
 
@@ -113,6 +115,10 @@ def _expected(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, labels: 
             "fp": fp,
             "fn": fn,
             "tn": tn,
+            "sensitivity": recall_score(y[:, j], pred[:, j], zero_division=0),
+            "specificity": recall_score(y[:, j], pred[:, j], pos_label=0) if (tn + fp) else None,
+            "ppv": precision[j],
+            "npv": precision_score(y[:, j], pred[:, j], pos_label=0, zero_division=0) if (tn + fn) else None,
         }
     return expected
 
@@ -180,7 +186,8 @@ def test_fixed_threshold_and_bad_rules(random_data):
     y, probs = random_data
     assert choose_thresholds(y, probs, 0.5).tolist() == [0.5] * len(LABELS)
     assert choose_thresholds(y, probs, 0.3).tolist() == [0.3] * len(LABELS)
-    for rule in ("mean", "0.5", "MAX_F1", None, True, 1.5, -0.1, float("nan"), [0.5]):
+    assert choose_thresholds(y, probs, "0.5").tolist() == [0.5] * len(LABELS)  # the config's text form
+    for rule in ("mean", "sens@0.9", "sensitivity@1.5", None, True, 1.5, -0.1, float("nan"), [0.5]):
         with pytest.raises(ValueError):
             choose_thresholds(y, probs, rule)
 

@@ -148,3 +148,23 @@ def test_splits_csv_records_every_image_with_its_labels(multilabel_run: Path, mu
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "split", "labels"] and len(rows) == len(manifest) == 600
     assert all(manifest[r["path"]] == (r["split"], r["labels"]) for r in rows)
+
+
+def test_a_sensitivity_rule_holds_on_val_and_an_unmeasurable_one_is_refused_before_training(multidigits: Path, tmp_path: Path) -> None:
+    args = multilabel_overrides(multidigits, tmp_path / "runs", "eval.threshold=sensitivity@0.9", "eval.splits=[val]", "trainer.limit_train_batches=4")
+    result = train(load_config(args))
+    saved = json.loads((result.run_dir / "thresholds.json").read_text())
+    assert saved["rule"] == "sensitivity@0.9"
+    m = json.loads((result.run_dir / "eval" / "val" / "metrics.json").read_text())
+    for name, row in m["per_label"].items():
+        assert row["sensitivity"] >= 0.9, name
+        assert row["specificity"] == pytest.approx(row["tn"] / (row["tn"] + row["fp"]))
+        assert row["npv"] == pytest.approx(row["tn"] / (row["tn"] + row["fn"]))
+    import subprocess
+    import sys
+
+    bad = multilabel_overrides(multidigits, tmp_path / "bad", "eval.threshold=sensitivity@0.99")
+    out = subprocess.run([sys.executable, "-m", "pixelmill.cli", "train", *bad], capture_output=True, text=True, cwd=tmp_path)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "needs at least 100 positive validation images" in errors[0]
+    assert not (tmp_path / "bad").exists()

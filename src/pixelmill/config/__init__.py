@@ -30,6 +30,7 @@ from pixelmill.config.schema import (
     PixelmillConfig,
 )
 from pixelmill.errors import ConfigError, DataError
+from pixelmill.evaluation.rules import RULE_HELP, parse_rule
 from pixelmill.models.names import split_prefix
 from pixelmill.tasks import TASKS, get_task
 
@@ -158,9 +159,10 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown logger '{unknown[0]}' in 'logger'; choose any of: {', '.join(LOGGERS)}")
     _check_monitor(cfg)
-    threshold = str(cfg.eval.threshold)
-    if threshold != "max_f1" and not (_is_number(threshold) and 0.0 < float(threshold) < 1.0):
-        raise ConfigError(f"bad value '{threshold}' for 'eval.threshold'; give max_f1 or a probability in (0, 1), e.g. 0.5")
+    try:
+        parse_rule(cfg.eval.threshold)
+    except ValueError:
+        raise ConfigError(f"bad value '{cfg.eval.threshold}' for 'eval.threshold'; choose {RULE_HELP}") from None
     if cfg.data.val_ratio + cfg.data.test_ratio >= 1.0:
         raise ConfigError("data.val_ratio + data.test_ratio must be below 1 so that something is left to train on")
     for k in cfg.eval.top_k:
@@ -172,14 +174,6 @@ def _kind_of(path: Path) -> str | None:
     """The one task that recognises the data at ``path`` as its own (``Task.recognises``), else None."""
     kinds = [name for name, task in TASKS.items() if task.recognises(path)]
     return kinds[0] if len(kinds) == 1 else None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_monitor(cfg: DictConfig) -> None:

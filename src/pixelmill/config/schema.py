@@ -137,7 +137,7 @@ class TrackingConfig:
 class EvalConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5])
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
-    threshold: str = "max_f1"  # multi-label decision rule per label, or a fixed probability
+    threshold: str = "max_f1"  # multi-label decision rule per label (evaluation/rules.py), or a fixed probability
     bootstrap: int = 1000  # resamples of the 95% confidence intervals (0: none)
 
 
@@ -317,5 +317,5 @@ DOCS: dict[str, str] = {
     "eval.top_k": "k values of the top-k accuracies reported",
     "eval.splits": "splits evaluated with the best checkpoint after training",
     "eval.bootstrap": "resamples of the seeded 95% bootstrap intervals of test metrics (ci95 in metrics.json; 0: skip)",
-    "eval.threshold": "multilabel: per-label decision threshold chosen on val (max_f1) or one fixed probability, e.g. 0.5",
+    "eval.threshold": "multilabel: how each label's threshold is chosen on val: max_f1, youden, sensitivity@0.95, specificity@0.95 or a probability",
 }

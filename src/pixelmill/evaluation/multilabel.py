@@ -31,6 +31,7 @@ from sklearn.metrics import (
 )
 
 from pixelmill.evaluation.metrics import METRICS_FILE, PREDICTIONS_FILE, _clean
+from pixelmill.evaluation.rules import parse_rule, threshold_for
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -118,24 +119,28 @@ def _max_f1_threshold(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, rule: str | float) -> np.ndarray:
-    """(N, L) 0/1 targets and (N, L) probabilities -> (L,) thresholds.
+    """(N, L) 0/1 targets and (N, L) probabilities -> (L,) thresholds, one per label by ``rule``.
 
-    ``rule="max_f1"``: per label, the probability value ``t`` (one of the scores themselves,
-    from ``precision_recall_curve``) whose ``probs >= t`` maximises that label's F1 on these
-    samples; on a tie the higher ``t`` wins; a label without positives gets 0.5.
-    A number in [0, 1] (e.g. 0.5): that threshold for every label. Anything else: ValueError.
+    ``"max_f1"``: the probability value ``t`` (one of the scores themselves, from
+    ``precision_recall_curve``) whose ``probs >= t`` maximises that label's F1; on a tie the
+    higher ``t`` wins. ``"youden"``, ``"sensitivity@X"``, ``"specificity@X"``: see
+    ``evaluation/rules.py``. A label lacking the class a rule needs gets 0.5. A number in
+    [0, 1] (or its text): that threshold for every label. Anything else: ValueError.
     """
     y, p = _check_targets(y_true, probs)
-    if isinstance(rule, str):
-        if rule != MAX_F1:
-            raise ValueError(f"threshold rule must be '{MAX_F1}' or a number in [0, 1], got {rule!r}")
-        return np.array([_max_f1_threshold(y[:, j], p[:, j]) for j in range(y.shape[1])], dtype=np.float64)
     if isinstance(rule, (int, float, np.integer, np.floating)) and not isinstance(rule, (bool, np.bool_)):
         value = float(rule)
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"a fixed threshold must lie in [0, 1], got {rule!r}")
         return np.full(y.shape[1], value, dtype=np.float64)
-    raise ValueError(f"threshold rule must be '{MAX_F1}' or a number in [0, 1], got {rule!r}")
+    if not isinstance(rule, str):
+        raise ValueError(f"threshold rule must be a rule name or a number in [0, 1], got {rule!r}")
+    kind, _ = parse_rule(rule)
+    out = []
+    for j in range(y.shape[1]):
+        chosen = _max_f1_threshold(y[:, j], p[:, j]) if kind == MAX_F1 else threshold_for(rule, y[:, j], p[:, j])
+        out.append(DEFAULT_THRESHOLD if chosen is None else chosen)
+    return np.array(out, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +156,10 @@ def _per_label_scores(y: np.ndarray, p: np.ndarray) -> tuple[list[float | None],
         aucs.append(float(roc_auc_score(y[:, j], p[:, j])) if 0 < positives < y.shape[0] else None)
         aps.append(float(average_precision_score(y[:, j], p[:, j])) if positives > 0 else None)
     return aucs, aps
+
+
+def _ratio_or_none(num: int, den: int) -> float | None:
+    return float(num / den) if den else None
 
 
 def _mean_defined(values: list[float | None]) -> float | None:
@@ -204,6 +213,11 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, thresholds: np.nda
             "ap": _clean(aps[j]),
             "support": int(support[j]),
             "threshold": float(t[j]),
+            # the operating point in clinical terms (sensitivity = recall, PPV = precision)
+            "sensitivity": _clean(recall[j]),
+            "specificity": _ratio_or_none(confusion[j, 0, 0], confusion[j, 0, 0] + confusion[j, 0, 1]),
+            "ppv": _clean(precision[j]),
+            "npv": _ratio_or_none(confusion[j, 0, 0], confusion[j, 0, 0] + confusion[j, 1, 0]),
             "tp": int(confusion[j, 1, 1]),
             "fp": int(confusion[j, 0, 1]),
             "fn": int(confusion[j, 1, 0]),

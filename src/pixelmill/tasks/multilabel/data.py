@@ -39,6 +39,7 @@ from pixelmill.data.scan import (
     verify_files,
 )
 from pixelmill.errors import ConfigError, DataError
+from pixelmill.evaluation.rules import check_feasible
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ def load_scan(cfg: Any) -> MultiLabelScan:
     if not scan.splits.get("val"):
         raise DataError("no validation images: add rows with split=val to the manifest or set data.val_ratio above 0")
     check_leakage(scan, data.leakage)
+    try:  # a sensitivity/specificity target the validation split cannot measure fails now, not after training
+        check_feasible(str(cfg.eval.threshold), scan.targets("val"), scan.classes)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     return scan
 
 

@@ -136,8 +136,7 @@ def choose_thresholds(run_dir: Path, loader, data: Any, net: torch.nn.Module, ru
     from pixelmill.evaluation.multilabel import choose_thresholds as choose
 
     y_true, probs = predict_probs(net, loader)
-    value: str | float = rule if rule == "max_f1" else float(rule)
-    thresholds = {name: float(t) for name, t in zip(data.classes, choose(y_true, probs, value))}
+    thresholds = {name: float(t) for name, t in zip(data.classes, choose(y_true, probs, rule))}
     record = {"rule": rule, "split": "val", "n": len(y_true), "thresholds": thresholds}
     runs.write_atomic(Path(run_dir) / THRESHOLDS_FILE, json.dumps(record, indent=2) + "\n")
     log.info("thresholds (%s on %d val images): %s", rule, len(y_true), ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
