@@ -139,6 +139,7 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
     threshold: str = "max_f1"  # multi-label decision rule per label (evaluation/rules.py), or a fixed probability
     bootstrap: int = 1000  # resamples of the 95% confidence intervals (0: none)
+    calibrate: str = "none"
 
 
 @dataclass
@@ -174,6 +175,7 @@ CHOICES: dict[str, Collection[str]] = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "trainer.precision": ("32", "16-mixed", "bf16-mixed", "64"),
     "trainer.mode": ("min", "max"),
+    "eval.calibrate": ("none", "temperature"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -316,6 +318,7 @@ DOCS: dict[str, str] = {
     "tracking.wandb.mode": "online, offline or disabled (auto: online when WANDB_API_KEY is set)",
     "eval.top_k": "k values of the top-k accuracies reported",
     "eval.splits": "splits evaluated with the best checkpoint after training",
+    "eval.calibrate": "single-label image models: temperature fits temperature scaling on val, applied inside the exported ONNX graph",
     "eval.bootstrap": "resamples of the seeded 95% bootstrap intervals of test metrics (ci95 in metrics.json; 0: skip)",
     "eval.threshold": "multilabel: how each label's threshold is chosen on val: max_f1, youden, sensitivity@0.95, specificity@0.95 or a probability",
 }

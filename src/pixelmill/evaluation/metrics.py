@@ -45,6 +45,7 @@ CONFUSION_NORM_FILE = "confusion_matrix_normalized.png"
 ROC_FILE = "roc.png"
 PR_FILE = "pr.png"
 MISCLASSIFIED_FILE = "misclassified.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 def _check_inputs(
@@ -203,10 +204,14 @@ def write_evaluation(
     images: Callable[[str], Image.Image] | None = None,
     bootstrap: int = 0,
     seed: int = 0,
+    uncalibrated: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> dict:
     """Write metrics.json, classification_report.txt, predictions.csv and plots into ``out_dir``.
 
     ``bootstrap`` resamples (seeded by ``seed``) add 95% intervals as ``ci95`` (``evaluation/bootstrap.py``).
+    ``uncalibrated``: the probabilities before temperature scaling by ``temperature`` (``probs`` are
+    after it); adds ``calibration`` (ECE before and after) and reliability.png.
     Plots: confusion_matrix.png, confusion_matrix_normalized.png, roc.png, pr.png, and
     misclassified.png when ``images`` (sample id -> PIL image) is given and there are mistakes.
     Returns the metrics dict (as in ``compute_metrics``).
@@ -225,6 +230,12 @@ def write_evaluation(
 
         metrics["ci95"] = confidence_intervals(single_label_statistics(y, p), len(y), bootstrap, seed)
         metrics["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed), "level": 0.95}
+    (out_dir / RELIABILITY_FILE).unlink(missing_ok=True)
+    if uncalibrated is not None:
+        before = np.asarray(uncalibrated, dtype=np.float64)
+        metrics["calibration"] = {"temperature": float(temperature), "ece_before": expected_calibration_error(y, before), "ece_after": metrics["ece"]}
+        metrics["ece_uncalibrated"] = metrics["calibration"]["ece_before"]  # a row of the report's table, beside ece
+        plots.plot_reliability(y, before, p, out_dir / RELIABILITY_FILE)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
     (out_dir / REPORT_FILE).write_text(classification_report_text(y, p, class_names), encoding="utf-8")
     _write_predictions(out_dir / PREDICTIONS_FILE, y, p, class_names, sample_ids)

@@ -210,6 +210,28 @@ def plot_pr_curves(
     return _save(fig, path)
 
 
+def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, n_bins: int = 15) -> Path:
+    """Reliability diagram: accuracy against confidence per equal-width bin, before and after calibration."""
+    y = np.asarray(y_true, dtype=np.int64)
+    fig, axes = _figure(6.0, 5.5)
+    ax = axes[0, 0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
+    for probs, name, color in ((before, "before", "#d62728"), (after, "after temperature scaling", "#1f77b4")):
+        confidence = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == y
+        bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+        used = np.unique(bins)
+        ax.plot(
+            [confidence[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used],
+            marker="o", lw=1.5, color=color, label=name,
+        )
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Confidence", ylabel="Accuracy")
+    ax.set_title("Reliability diagram")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    return _save(fig, path)
+
+
 def _metric_panels(columns: list[str]) -> dict[str, list[str]]:
     """Group metrics.csv columns into the loss, accuracy/F1 and learning-rate panels."""
     per_epoch = [c for c in columns if c not in ("epoch", "step") and not c.endswith("_step")]

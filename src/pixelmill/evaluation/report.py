@@ -23,6 +23,7 @@ from pixelmill.evaluation.metrics import (
     METRICS_FILE,
     MISCLASSIFIED_FILE,
     PR_FILE,
+    RELIABILITY_FILE,
     ROC_FILE,
 )
 from pixelmill.evaluation.multilabel import PLOT_TITLES as MULTILABEL_PLOT_TITLES
@@ -45,6 +46,7 @@ SPLIT_PLOTS = (
     (CONFUSION_NORM_FILE, "Confusion matrix, normalised"),
     (ROC_FILE, "ROC curves"),
     (PR_FILE, "Precision-recall curves"),
+    (RELIABILITY_FILE, "Reliability diagram (eval.calibrate)"),
 )
 
 

@@ -6,9 +6,10 @@ task's ``probabilities``, ``lightning_module`` and ``evaluate`` are these functi
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -61,15 +62,81 @@ def lightning_module(cfg: Any, net: torch.nn.Module, data: Any):
     )
 
 
+CALIBRATION_FILE = "calibration.json"  # RUN_DIR/calibration.json: the temperature fitted on val (eval.calibrate)
+
+
+def tempered_softmax(temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The single-label head with temperature scaling: softmax(logits / T); plain softmax for T = 1."""
+    if temperature == 1.0:
+        return softmax
+    return lambda logits: torch.softmax(logits.float() / temperature, dim=1)
+
+
 @torch.inference_mode()
-def predict_probs(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true (N,), probabilities (N, C)) for every batch of ``loader``."""
+def predict_logits(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true (N,), logits (N, C)) for every batch of ``loader``."""
     net.eval()
-    ys, ps = [], []
+    ys, zs = [], []
     for x, y in loader:
-        ps.append(softmax(net(x)).numpy())
+        zs.append(net(x).float().numpy())
         ys.append(np.asarray(y))
-    return np.concatenate(ys), np.concatenate(ps)
+    return np.concatenate(ys), np.concatenate(zs)
+
+
+def predict_probs(net: torch.nn.Module, loader, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true (N,), probabilities (N, C)) for every batch of ``loader``, through the (tempered) head."""
+    y, logits = predict_logits(net, loader)
+    return y, tempered_softmax(temperature)(torch.from_numpy(logits)).numpy()
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T > 0 minimising the cross-entropy of softmax(logits / T) (Guo et al. 2017).
+
+    One scalar, fitted with L-BFGS on log T (the reference implementation's optimiser; torch has no
+    ready-made temperature scaler and the fit is these few lines).
+    """
+    z, target = torch.from_numpy(logits).double(), torch.from_numpy(y).long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.exp().item())
+
+
+def calibrate(run_dir: Path, net: torch.nn.Module, loader, method: str) -> float:
+    """``eval.calibrate=temperature``: fit T on the validation loader, write RUN_DIR/calibration.json; 1.0 (and no file) for none."""
+    from pixelmill.errors import DataError
+    from pixelmill.evaluation.metrics import expected_calibration_error
+
+    path = Path(run_dir) / CALIBRATION_FILE
+    if method == "none":
+        path.unlink(missing_ok=True)  # a resumed run whose config dropped calibration
+        return 1.0
+    y, logits = predict_logits(net, loader)
+    if len(np.unique(y)) < 2:
+        raise DataError("eval.calibrate=temperature needs validation images of at least 2 classes; the val split has one")
+    t = fit_temperature(logits, y)
+    before, after = (tempered_softmax(v)(torch.from_numpy(logits)).numpy() for v in (1.0, t))
+    record = {
+        "method": method, "temperature": t, "split": "val", "n": len(y),
+        "ece_before": expected_calibration_error(y, before), "ece_after": expected_calibration_error(y, after),
+    }
+    runs.write_atomic(path, json.dumps(record, indent=2) + "\n")
+    log.info("temperature %.3f fitted on %d val samples: ECE %.4f -> %.4f", t, len(y), record["ece_before"], record["ece_after"])
+    return t
+
+
+def read_temperature(run_dir: Path) -> float:
+    """The run's fitted temperature (1.0 when it was not calibrated)."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
 
 
 def evaluate(
@@ -81,10 +148,13 @@ def evaluate(
     """
     from pixelmill.evaluation.metrics import write_evaluation
 
-    y_true, probs = predict_probs(net, loader)
+    y_true, logits = predict_logits(net, loader)
+    temperature = read_temperature(run_dir)  # 1.0 unless eval.calibrate fitted one
+    probs = tempered_softmax(temperature)(torch.from_numpy(logits)).numpy()
     paths = [path for path, _ in data.splits[split]]  # image paths, or 'file.csv:LINE' row ids
     metrics = write_evaluation(
-        Path(run_dir) / "eval" / split, y_true, probs, data.classes, paths, top_k=top_k, images=images, bootstrap=bootstrap, seed=seed
+        Path(run_dir) / "eval" / split, y_true, probs, data.classes, paths, top_k=top_k, images=images, bootstrap=bootstrap, seed=seed,
+        uncalibrated=softmax(torch.from_numpy(logits)).numpy() if temperature != 1.0 else None, temperature=temperature,
     )
     evals = runs.load_summary(run_dir).eval
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}

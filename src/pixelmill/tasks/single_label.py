@@ -30,6 +30,12 @@ class SingleLabelTask(Task):
 
         return softmax(logits)
 
+    def choose_operating_point(self, run_dir: Path, net: Any, data: Any, prep: Any, cfg: Any) -> None:
+        """``eval.calibrate=temperature``: fit temperature scaling on val (RUN_DIR/calibration.json)."""
+        from pixelmill.tasks.classification import calibrate
+
+        calibrate(run_dir, net, self.datamodule(cfg, data, prep).eval_loader("val"), str(cfg.eval.calibrate))
+
     def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
         from pixelmill.tasks.classification import evaluate
 

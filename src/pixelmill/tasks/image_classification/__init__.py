@@ -63,9 +63,12 @@ class ImageClassification(SingleLabelTask):
         return lambda path: load_image(path, prep.channels)
 
     def export(self, run: Any, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Any:
+        from pixelmill.tasks.classification import read_temperature, tempered_softmax
         from pixelmill.tasks.image_classification.export import export
 
-        return export(run, out, fmt, quantize, options)
+        temperature = read_temperature(run.run_dir)  # eval.calibrate: the temperature lives in the graph
+        extra = {"calibration": {"method": "temperature", "temperature": temperature}} if temperature != 1.0 else None
+        return export(run, out, fmt, quantize, options, head=tempered_softmax(temperature), extra=extra)
 
     def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
         if bundle.model_format == "torchscript":

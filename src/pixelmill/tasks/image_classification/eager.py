@@ -14,7 +14,7 @@ from pixelmill.export.onnx import UInt8Classifier
 from pixelmill.export.torchscript import torchscript_runner
 from pixelmill.inference.session import Prediction, prepare_image, to_predictions
 from pixelmill.runs import load_run
-from pixelmill.tasks.classification import softmax
+from pixelmill.tasks.classification import read_temperature, tempered_softmax
 
 
 class TorchClassifier:
@@ -24,7 +24,7 @@ class TorchClassifier:
         run = load_run(run_dir, checkpoint)
         self.classes: list[str] = run.classes
         self.preprocessing = run.preprocessing
-        self._model = UInt8Classifier(run.net, self.preprocessing, softmax).eval()
+        self._model = UInt8Classifier(run.net, self.preprocessing, tempered_softmax(read_temperature(run.run_dir))).eval()
 
     def prepare(self, image: Any) -> np.ndarray:
         return prepare_image(image, self.preprocessing)

@@ -15,6 +15,7 @@ import csv
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pixelmill.errors import ConfigError
 from pixelmill.tasks.base import register_task
 from pixelmill.tasks.image_classification import ImageClassification
 
@@ -41,6 +42,11 @@ class MultiLabelClassification(ImageClassification):
             return False  # the scan reports an unreadable manifest
         names = {name.strip().lower() for name in header}
         return {"path", "labels"} <= names
+
+    def check_model(self, cfg: Any) -> None:
+        super().check_model(cfg)
+        if cfg.eval.calibrate != "none":
+            raise ConfigError("eval.calibrate applies to single-label models; multi-label runs choose per-label thresholds (eval.threshold)")
 
     def load_data(self, cfg: Any, run_dir: Path | None = None) -> Any:
         from pixelmill.tasks.multilabel.data import load_scan
