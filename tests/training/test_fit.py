@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,12 @@ def test_unwritable_output_dir_fails_before_training(fast, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RunError, match="cannot write the run directory"):
         train(load_config(fast(f"output_dir={blocker}")))
+
+
+def test_validation_auroc_is_logged_and_can_pick_the_checkpoint(fast):
+    result = train(load_config(fast("trainer.monitor=val/auc_macro", epochs=3)))
+    rows = _rows(result.run_dir)
+    values = [float(r["val/auc_macro"]) for r in rows]
+    assert all(0.0 <= v <= 1.0 for v in values) and values[-1] > values[0], values  # a learning model ranks better
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["best"]["epoch"] == int(np.argmax(values))

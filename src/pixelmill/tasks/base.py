@@ -42,7 +42,7 @@ class Task:
     name: ClassVar[str]  # data.kind value and bundle.json "kind"
     title: ClassVar[str]  # for people: "image classification"
     sample_noun: ClassVar[str] = "images"  # what one input is called in logs, reports and errors
-    monitors: ClassVar[tuple[str, ...]] = ("val/acc", "val/loss", "val/f1_macro")  # what trainer.monitor may name
+    monitors: ClassVar[tuple[str, ...]] = ("val/acc", "val/loss", "val/f1_macro", "val/auc_macro")  # what trainer.monitor may name
     default_monitor: ClassVar[str] = "val/acc"  # trainer.monitor=auto
 
     # ---- data -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from pixelmill.config.schema import OPTIMIZERS, SCHEDULERS
 from pixelmill.data.transforms import batch_mix
@@ -70,6 +70,7 @@ class ClassificationModule(L.LightningModule):
         self.train_lr = MeanMetric()  # the mean learning rate of the epoch's steps
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.val_auc = MulticlassAUROC(num_classes, average="macro")  # one-vs-rest, over the epoch's scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -116,9 +117,11 @@ class ClassificationModule(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_f1(logits, y)
+        self.val_auc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y), logger=False)
         self.log("val/f1_macro", self.val_f1, on_epoch=True, batch_size=len(y), logger=False)
+        self.log("val/auc_macro", self.val_auc, on_epoch=True, batch_size=len(y), logger=False)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.activation(self(batch[0]))  # the task's head: (N, C) logits -> probabilities

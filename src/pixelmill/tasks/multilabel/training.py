@@ -64,7 +64,7 @@ class MultiLabelModule(ClassificationModule):
         )
         weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
         self.register_buffer("pos_weight", weight, persistent=False)
-        del self.train_acc, self.val_acc, self.val_f1
+        del self.train_acc, self.val_acc, self.val_f1, self.val_auc
         self.train_f1 = MultilabelF1Score(num_classes, average="micro")
         self.val_map = MultilabelAveragePrecision(num_classes, average="macro")
         self.val_auc = MultilabelAUROC(num_classes, average="macro")
