@@ -123,13 +123,13 @@ class ScanResult:
 
     def split_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of ``splits.csv``: where every file of the run went, and its label."""
-        rows = [[_printable(path), split, self.label_text(label)] for split, items in self.splits.items() for path, label in items]
-        if self.groups:
-            return ["path", "split", "label", "group"], [[*row, self.groups.get(path, "")] for row, (path, _) in zip(rows, self._items())]
-        return ["path", "split", "label"], rows
-
-    def _items(self) -> list[tuple[str, object]]:
-        return [item for items in self.splits.values() for item in items]
+        group = [self.groups.get] if self.groups else []  # the group column, only when the data has groups
+        rows = [
+            [_printable(path), split, self.label_text(label), *(get(path, "") for get in group)]
+            for split, items in self.splits.items()
+            for path, label in items
+        ]
+        return ["path", "split", "label", *(["group"] if group else [])], rows
 
 
 class _Found(NamedTuple):
@@ -509,10 +509,15 @@ def _png_chunk_problem(data: bytes) -> str | None:
 # --------------------------------------------------------------------------- classes, splits, fingerprint
 
 
-def _check_classes(classes: list[str], good: list[_Found], bad: list[BadFile], by_split: bool) -> None:
+def check_usable(good: int, bad: list[BadFile]) -> None:
+    """DataError, counting the reasons, when not one of the files is usable."""
     if not good:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(Counter(b.reason for b in bad).items()))
         raise DataError(f"none of the {len(bad)} image files is usable ({reasons}); replace or re-export them")
+
+
+def _check_classes(classes: list[str], good: list[_Found], bad: list[BadFile], by_split: bool) -> None:
+    check_usable(len(good), bad)
     counted = Counter(f.label for f in good if not by_split or f.split == "train")
     for cls in classes:
         if counted[cls] == 0:

@@ -83,12 +83,6 @@ def predict_logits(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(ys), np.concatenate(zs)
 
 
-def predict_probs(net: torch.nn.Module, loader, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true (N,), probabilities (N, C)) for every batch of ``loader``, through the (tempered) head."""
-    y, logits = predict_logits(net, loader)
-    return y, tempered_softmax(temperature)(torch.from_numpy(logits)).numpy()
-
-
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The temperature T > 0 minimising the cross-entropy of softmax(logits / T) (Guo et al. 2017).
 
@@ -110,25 +104,21 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(log_t.exp().item())
 
 
-def calibrate(run_dir: Path, net: torch.nn.Module, loader, method: str) -> float:
-    """``eval.calibrate=temperature``: fit T on the validation loader, write RUN_DIR/calibration.json; 1.0 (and no file) for none."""
+def calibrate(run_dir: Path, net: torch.nn.Module, loader) -> float:
+    """``eval.calibrate=temperature``: fit T on the validation loader, write RUN_DIR/calibration.json."""
     from pixelmill.errors import DataError
     from pixelmill.evaluation.metrics import expected_calibration_error
 
-    path = Path(run_dir) / CALIBRATION_FILE
-    if method == "none":
-        path.unlink(missing_ok=True)  # a resumed run whose config dropped calibration
-        return 1.0
     y, logits = predict_logits(net, loader)
     if len(np.unique(y)) < 2:
         raise DataError("eval.calibrate=temperature needs validation images of at least 2 classes; the val split has one")
     t = fit_temperature(logits, y)
     before, after = (tempered_softmax(v)(torch.from_numpy(logits)).numpy() for v in (1.0, t))
     record = {
-        "method": method, "temperature": t, "split": "val", "n": len(y),
+        "method": "temperature", "temperature": t, "split": "val", "n": len(y),
         "ece_before": expected_calibration_error(y, before), "ece_after": expected_calibration_error(y, after),
     }
-    runs.write_atomic(path, json.dumps(record, indent=2) + "\n")
+    runs.write_atomic(Path(run_dir) / CALIBRATION_FILE, json.dumps(record, indent=2) + "\n")
     log.info("temperature %.3f fitted on %d val samples: ECE %.4f -> %.4f", t, len(y), record["ece_before"], record["ece_after"])
     return t
 

@@ -32,9 +32,12 @@ class SingleLabelTask(Task):
 
     def choose_operating_point(self, run_dir: Path, net: Any, data: Any, prep: Any, cfg: Any) -> None:
         """``eval.calibrate=temperature``: fit temperature scaling on val (RUN_DIR/calibration.json)."""
-        from pixelmill.tasks.classification import calibrate
+        from pixelmill.tasks.classification import CALIBRATION_FILE, calibrate
 
-        calibrate(run_dir, net, self.datamodule(cfg, data, prep).eval_loader("val"), str(cfg.eval.calibrate))
+        if cfg.eval.calibrate == "none":
+            (Path(run_dir) / CALIBRATION_FILE).unlink(missing_ok=True)  # a resumed run whose config dropped calibration
+            return
+        calibrate(run_dir, net, self.datamodule(cfg, data, prep).eval_loader("val"))
 
     def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
         from pixelmill.tasks.classification import evaluate

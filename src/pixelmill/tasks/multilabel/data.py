@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ from pixelmill.data.scan import (
     check_group_splits,
     check_leakage,
     check_ratios,
+    check_usable,
     find_leaks,
     fingerprint,
     group_holdout,
@@ -159,9 +159,7 @@ def scan_manifest(
     checks = verify_files([row.path for row in rows])
     good = [(row, digest) for row, (reason, digest) in zip(rows, checks) if reason is None]
     bad = [BadFile(row.path, reason) for row, (reason, _) in zip(rows, checks) if reason is not None]
-    if not good:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(Counter(b.reason for b in bad).items()))
-        raise DataError(f"none of the {len(bad)} image files is usable ({reasons}); replace or re-export them")
+    check_usable(len(good), bad)
     index = {name: i for i, name in enumerate(classes)}
     items = []
     for row, _ in good:

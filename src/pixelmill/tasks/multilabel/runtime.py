@@ -65,17 +65,29 @@ def bundle_thresholds(bundle: Bundle) -> dict[str, float]:
     return {name: float(own[name]) for name in bundle.classes}
 
 
-class OnnxMultiLabel(OnnxClassifier):
+class LabelSets:
+    """What both multi-label runtimes (ONNX bundle, eager run) add to their single-label base: label sets.
+
+    Expects ``classes``, ``thresholds`` (label -> float), ``prepare(image)`` and ``run(batch)``.
+    """
+
+    classes: list[str]
+    thresholds: dict[str, float]
+
+    def decode(self, probs: np.ndarray, top_k: int = 5, thresholds: Thresholds = None) -> list[LabelSetPrediction]:
+        """(N, L) probabilities -> label sets at the model's thresholds, or at ``thresholds`` instead."""
+        return to_label_sets(probs, self.classes, resolve_thresholds(self.classes, self.thresholds, thresholds), top_k)
+
+    def predict(self, images: list[Any], top_k: int = 5, thresholds: Thresholds = None) -> list[LabelSetPrediction]:
+        """Prepare, run as one batch and decode ``images``."""
+        if not images:
+            return []
+        return self.decode(self.run(np.stack([self.prepare(img) for img in images])), top_k, thresholds)  # type: ignore[attr-defined]
+
+
+class OnnxMultiLabel(LabelSets, OnnxClassifier):
     """A multi-label bundle on ONNX Runtime: ``run`` gives (N, L) sigmoid probabilities, ``decode`` label sets."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
         super().__init__(bundle, intra_op_threads, inter_op_threads)
         self.thresholds = bundle_thresholds(bundle)
-
-    def decode(self, probs: np.ndarray, top_k: int = 5, thresholds: Thresholds = None) -> list[LabelSetPrediction]:
-        return to_label_sets(probs, self.classes, resolve_thresholds(self.classes, self.thresholds, thresholds), top_k)
-
-    def predict(self, images: list[Any], top_k: int = 5, thresholds: Thresholds = None) -> list[LabelSetPrediction]:  # type: ignore[override]
-        if not images:
-            return []
-        return self.decode(self.run(np.stack([self.prepare(img) for img in images])), top_k, thresholds)

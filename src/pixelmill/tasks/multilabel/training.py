@@ -16,7 +16,7 @@ from pixelmill import runs
 from pixelmill.data.datamodule import ImageDataModule
 from pixelmill.data.images import SeededSampler
 from pixelmill.errors import RunError
-from pixelmill.tasks.classification import module_options
+from pixelmill.tasks.classification import module_options, predict_logits
 from pixelmill.tasks.multilabel.data import rarest_label
 from pixelmill.training.module import ClassificationModule
 
@@ -64,7 +64,7 @@ class MultiLabelModule(ClassificationModule):
         )
         weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
         self.register_buffer("pos_weight", weight, persistent=False)
-        del self.train_acc, self.val_acc, self.val_f1, self.val_auc
+        del self.train_acc, self.val_acc, self.val_f1  # val_auc is replaced below by the multi-label one
         self.train_f1 = MultilabelF1Score(num_classes, average="micro")
         self.val_map = MultilabelAveragePrecision(num_classes, average="macro")
         self.val_auc = MultilabelAUROC(num_classes, average="macro")
@@ -120,15 +120,10 @@ def lightning_module(cfg: Any, net: torch.nn.Module, data: Any) -> MultiLabelMod
     return MultiLabelModule(net, num_classes=len(data.classes), pos_weight=weights, **module_options(cfg))
 
 
-@torch.inference_mode()
 def predict_probs(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
     """(targets (N, L), probabilities (N, L)) for every batch of ``loader``."""
-    net.eval()
-    ys, ps = [], []
-    for x, y in loader:
-        ps.append(sigmoid(net(x)).numpy())
-        ys.append(np.asarray(y, dtype=np.float32))
-    return np.concatenate(ys), np.concatenate(ps)
+    y, logits = predict_logits(net, loader)
+    return y.astype(np.float32), sigmoid(torch.from_numpy(logits)).numpy()
 
 
 def choose_thresholds(run_dir: Path, loader, data: Any, net: torch.nn.Module, rule: str) -> dict[str, float]:
