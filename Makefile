@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint browser bench reliability clean
+.PHONY: install demo test lint browser postgres bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,19 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the report browser test will be skipped"; }
 
+# Debian's PostgreSQL server for the scale-out tests (tune workers on one study, a real mlflow server);
+# Debian keeps initdb and postgres in /usr/lib/postgresql/<major>/bin, off PATH.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	  || echo "warning: could not install postgresql; the PostgreSQL and MLflow-server tests will be skipped"; }
+
 # Lint and the layer contracts (pyproject.toml) first: seconds, and they fail before a 10-minute suite.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install browser lint
+test: install browser postgres lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every claim in benchmarks/ measured on this machine (~20 min); rewrites benchmarks/RESULTS.md.

@@ -13,20 +13,25 @@ from pathlib import Path
 from _photos import bench_dir, locked, photo_dir
 
 
-def train_and_export(model: str, size: int, out: Path, extra: list[str] = ()) -> Path:
-    """A run of ``model`` at ``size`` px (two small batches on the benchmark photos), exported to ``out``/runs/<model>/bundle."""
+def train_run(model: str, size: int, out: Path, extra: list[str] = (), photos: int = 64, epochs: int = 1, batches: int | float = 2, batch_size: int = 8) -> Path:
+    """A run of ``model`` at ``size`` px on ``photos`` benchmark photos (``batches`` per epoch, all if 1.0); its run directory."""
     from pixelmill.config import load_config
-    from pixelmill.export import export_run
     from pixelmill.training.fit import train
 
     cfg = load_config([
-        f"data.path={photo_dir(64)}", f"model.name={model}", f"data.image_size={size}", "data.batch_size=8",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        f"data.path={photo_dir(photos)}", f"model.name={model}", f"data.image_size={size}", f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=1",
         "trainer.progress_bar=false", "logger=[csv]", "eval.splits=[]", f"output_dir={out / 'runs'}",
         f"run_name={model}-{size}", *extra,
     ])
-    result = train(cfg)
-    return export_run(result.run_dir, max_images=8).path
+    return train(cfg).run_dir
+
+
+def train_and_export(model: str, size: int, out: Path, extra: list[str] = ()) -> Path:
+    """A run of ``model`` at ``size`` px (two small batches on the benchmark photos), exported to ``out``/runs/<model>/bundle."""
+    from pixelmill.export import export_run
+
+    return export_run(train_run(model, size, out, extra), max_images=8).path
 
 
 def cached_bundle(model: str, size: int) -> Path:

@@ -84,8 +84,11 @@ def locked(path: Path):
         yield
 
 
-def photo_dir(n: int, size: tuple[int, int] = (500, 375)) -> Path:
-    """A reusable folder of ``n`` photos under ``bench_dir()`` (made on first use)."""
-    root = bench_dir() / f"photos-{n}-{size[0]}x{size[1]}-v{_VERSION}"
+def photo_dir(n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """A reusable folder of ``n`` photos under ``bench_dir()`` (made on first use).
+
+    Another ``seed`` draws other photos of the same classes: images no run trained on.
+    """
+    root = bench_dir() / f"photos-{n}-{size[0]}x{size[1]}-v{_VERSION}{f'-seed{seed}' if seed else ''}"
     with locked(root):
-        return make_photos(root, n, size)
+        return make_photos(root, n, size, seed)

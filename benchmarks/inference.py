@@ -11,6 +11,16 @@ and exported with ``export_run`` - the bundle is the one users ship.
   machine's fp32 convolution peak, measured in the same rounds - the ratio's ceiling - and
   the page faults per call of each side. The process keeps freed memory for reuse
   (``reuse_freed_memory``), so eager is measured in its better state.
+- int8 bundles vs eager: resnet18 trained for two epochs on 224 photos (a model with real
+  margins between classes: int8 agreement is a coin toss on a near-uniform one; its accuracy,
+  mean top-1 probability and margin are reported), exported as ``pixelmill export --quantize
+  int8`` makes it (static, QDQ, per-channel, calibrated on 128 training images; also with the
+  other calibration methods) and ``--quantize int8-dynamic``. At batch 1 the eager model, the
+  fp32 bundle and both int8 bundles take turns in 8 rounds; the claim is the median round's
+  eager time / static int8 time (target 3x). Top-1 agreement of each bundle with the fp32
+  PyTorch model is measured on 200 photos no run trained on (another seed of the generator),
+  with each bundle's size. Beside them: the CPU's int8 instructions (VNNI, AMX) and ONNX
+  Runtime's int8 / fp32 convolution peak on this CPU - the most int8 can gain here.
 - predict on files: ``Predictor.predict_files`` on a folder of JPEG photos (decode, resize,
   crop, infer, decode the output) against raw ONNX Runtime ``session.run`` on the same images
   already decoded into uint8 tensors - the limit.
@@ -30,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Report, header, median, parse_args, pixelmill_bin, quiet  # noqa: E402
-from _fixtures import cached_bundle, train_and_export  # noqa: E402
+from _fixtures import cached_bundle, train_and_export, train_run  # noqa: E402
 from _photos import photo_dir  # noqa: E402
 
 ROUNDS = 8  # bundle and eager alternate this many times per batch size
@@ -48,27 +58,38 @@ def per_call_seconds(fn, batch: np.ndarray, seconds: float, min_calls: int = 3) 
     return times
 
 
-def conv_peak(channels: int = 128, size: int = 28, batch: int = 8) -> Callable[[float], float]:
+def conv_peak(channels: int = 128, size: int = 28, batch: int = 8, int8: bool = False) -> Callable[[float], float]:
     """``peak(seconds)``: the FLOP/s (median call over about ``seconds``) of ONNX Runtime on one
-    large fp32 3x3 convolution, its session opened once.
+    large 3x3 convolution, its session opened once; ``int8``: the same convolution as a
+    QLinearConv (uint8 activations, int8 per-channel weights - what a static int8 bundle runs).
 
     Big enough that ONNX Runtime's convolution kernels run at full speed on every core: its
-    FLOP/s is the fastest any fp32 runtime runs a CNN's convolutions on this machine.
+    FLOP/s is the fastest any runtime of that precision runs a CNN's convolutions on this
+    machine, and int8 peak / fp32 peak is the most int8 can gain here.
     """
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32), "W")
     shape = [batch, channels, size, size]
+    if int8:
+        weights = [
+            numpy_helper.from_array(rng.integers(-127, 128, (channels, channels, 3, 3), dtype=np.int8), "W"),
+            numpy_helper.from_array(np.float32(0.02), "x_scale"), numpy_helper.from_array(np.uint8(128), "x_zero"),
+            numpy_helper.from_array(np.full(channels, 1e-3, np.float32), "w_scale"), numpy_helper.from_array(np.zeros(channels, np.int8), "w_zero"),
+            numpy_helper.from_array(np.float32(0.05), "y_scale"), numpy_helper.from_array(np.uint8(128), "y_zero"),
+        ]
+        node = helper.make_node("QLinearConv", ["X", "x_scale", "x_zero", "W", "w_scale", "w_zero", "y_scale", "y_zero"], ["Y"], pads=[1, 1, 1, 1])
+        dtype, x = TensorProto.UINT8, rng.integers(0, 256, shape, dtype=np.uint8)
+    else:
+        weights = [numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32), "W")]
+        node = helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])
+        dtype, x = TensorProto.FLOAT, rng.standard_normal(shape).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])], "peak",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)], [weight],
+        [node], "peak", [helper.make_tensor_value_info("X", dtype, shape)], [helper.make_tensor_value_info("Y", dtype, shape)], weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.standard_normal(shape).astype(np.float32)
     flops = 2.0 * batch * channels * size * size * channels * 9
 
     def peak(seconds: float) -> float:
@@ -187,6 +208,128 @@ def bundle_vs_eager(report: Report, name: str, bundle: Path, files: list[str], s
             report.ratio(f"inference {name} batch 32 (bundle speed / eager speed, median round, info)", median(rounds), 1.0, note=spread)
 
 
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product / matrix instructions ONNX Runtime's kernels use
+
+
+def cpu_int8_instructions() -> list[str]:
+    """Which of ``INT8_FLAGS`` this CPU has (from /proc/cpuinfo; empty elsewhere)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in INT8_FLAGS if f in flags]
+
+
+def int8_exports(report: Report, name: str, run_dir: Path, work: Path, calibration: int, methods: list[str]) -> dict[str, Path]:
+    """Static int8 bundles of the run (each calibration method) and a dynamic one, as ``pixelmill export`` makes them.
+
+    The default static export goes through the gate at its default bar; if the gate refuses it,
+    the refusal is noted and the bundle is made without the bar, so the speed is still measured.
+    """
+    from pixelmill.errors import BundleError
+    from pixelmill.export import export_run
+
+    bundles = {}
+    for method in methods:
+        key = f"static int8 ({method})"
+        start = time.perf_counter()
+        try:
+            bundle = export_run(run_dir, quantize="int8", out=work / f"{name}-int8-{method}", calibration_images=calibration, calibration_method=method,
+                                **({} if method == methods[0] else {"min_int8_agreement": 0.0}))
+        except BundleError as exc:
+            report.note(f"{name}: the export gate refused the {key} bundle ({exc}); measured without the bar")
+            bundle = export_run(run_dir, quantize="int8", out=work / f"{name}-int8-{method}", calibration_images=calibration,
+                                calibration_method=method, min_int8_agreement=0.0)
+        report.figure(f"{name}: `export --quantize int8 --calibration-method {method}` wall time", time.perf_counter() - start, "s",
+                      gate_top1=round(bundle.meta["export"]["top1_agreement"], 4), gate_images=bundle.meta["export"]["checked_images"])
+        bundles[key] = bundle.path
+    bundles["dynamic int8"] = export_run(run_dir, quantize="int8-dynamic", out=work / f"{name}-int8-dynamic", min_int8_agreement=0.0).path
+    return bundles
+
+
+def bundle_megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+
+
+def int8_vs_eager(report: Report, name: str, fp32_bundle: Path, heldout: list[str], seconds: float, calibration: int, methods: list[str], work: Path) -> None:
+    """Static and dynamic int8 bundles against PyTorch eager (fp32) at batch 1, their top-1 agreement
+    with the fp32 model on photos no run trained on, and their size."""
+    from pixelmill.export.bundle import read_bundle
+    from pixelmill.inference import prepare_image
+    from pixelmill.tasks.image_classification.eager import TorchClassifier
+    from pixelmill.tasks.image_classification.runtime import OnnxClassifier
+
+    fp32 = read_bundle(fp32_bundle)
+    run_dir = Path(fp32.meta["run"]["run_dir"])
+    flags = cpu_int8_instructions()
+    report.note(
+        f"CPU int8 instructions: {', '.join(flags)}" if flags else
+        "this CPU has none of avx512_vnni, avx_vnni, amx_int8: ONNX Runtime's int8 kernels fall back to "
+        "AVX2 multiply-adds (16-bit intermediates), about as fast as fp32 FMA - see the int8/fp32 conv peak figure"
+    )
+    bundles = {"fp32 bundle": fp32_bundle, **int8_exports(report, name, run_dir, work, calibration, methods)}
+    runtimes = {key: OnnxClassifier(read_bundle(path)) for key, path in bundles.items()}
+    eager = TorchClassifier(run_dir)
+
+    # Agreement with the fp32 model, on held-out photos (another seed of the benchmark's generator).
+    images = np.stack([prepare_image(f, fp32.preprocessing) for f in heldout])  # (N, H, W, C) uint8
+    truth = np.array([eager.classes.index(Path(f).parent.name) for f in heldout])
+
+    def probabilities(run) -> np.ndarray:
+        return np.concatenate([run(images[i : i + 32]) for i in range(0, len(images), 32)])
+
+    reference = probabilities(eager.run)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    # A near-uniform model would make agreement a coin toss on near-ties: show that this one is not.
+    report.figure(f"{name}: fp32 model on {len(heldout)} held-out photos, accuracy", float(np.mean(reference.argmax(1) == truth)), "share",
+                  chance=round(1 / len(eager.classes), 3), mean_top1_probability=round(float(top2[:, 1].mean()), 3),
+                  mean_margin_top1_top2=round(float((top2[:, 1] - top2[:, 0]).mean()), 3))
+    agree, diff = {}, {}
+    for key, run in runtimes.items():
+        got = probabilities(run.run)
+        agree[key] = float(np.mean(got.argmax(1) == reference.argmax(1)))
+        diff[key] = float(np.abs(got - reference).max())
+        report.figure(f"{name}: {key}, top-1 agreement with fp32 PyTorch", agree[key], "share", images=len(heldout), max_abs_diff=f"{diff[key]:.2e}")
+        report.figure(f"{name}: {key}, bundle size", bundle_megabytes(bundles[key]), "MB")
+
+    # Speed at batch 1, the sides taking turns (load from other users falls on all of them).
+    timed = {"eager": eager.run, "fp32 bundle": runtimes["fp32 bundle"].run, "static": runtimes[f"static int8 ({methods[0]})"].run,
+             "dynamic": runtimes["dynamic int8"].run}
+    batch = np.ascontiguousarray(images[:1])
+    peaks = {"fp32": conv_peak(), "int8": conv_peak(int8=True)}
+    got = {side: [] for side in (*timed, *peaks)}
+    rounds: dict[str, list[float]] = {side: [] for side in timed if side != "eager"}  # eager time / side time, per round
+    for _ in range(ROUNDS):
+        times = {side: median(per_call_seconds(fn, batch, seconds / (len(timed) * ROUNDS))) for side, fn in timed.items()}
+        for side, t in times.items():
+            got[side].append(t)
+            if side != "eager":
+                rounds[side].append(times["eager"] / t)
+        for side, peak in peaks.items():
+            got[side].append(peak(seconds / (8 * ROUNDS)))
+    for side in timed:
+        t = median(got[side])
+        report.figure(f"{name} batch 1: {side if side in ('eager', 'fp32 bundle') else side + ' int8 bundle'}", t * 1000, "ms/call",
+                      images_per_s=round(1 / t, 1))
+    peak_ratio = median(got["int8"]) / median(got["fp32"])
+    report.figure("int8 peak: ONNX Runtime QLinearConv, 128-channel 3x3, 8x28x28", median(got["int8"]) / 1e9, "GOP/s")
+    report.figure("fp32 peak: the same convolution as Conv", median(got["fp32"]) / 1e9, "GFLOP/s")
+    report.figure("int8 / fp32 convolution peak on this CPU (the most int8 can gain)", peak_ratio, "ratio")
+    static = rounds["static"]
+    cpu = ", ".join(flags) if flags else "no VNNI/AMX"
+    report.ratio(
+        f"inference {name} batch 1 (static int8 bundle speed / eager speed, median round)", median(static), 3.0,
+        note=f"per round {min(static):.2f}-{max(static):.2f}; fp32 bundle {median(rounds['fp32 bundle']):.2f}, dynamic int8 "
+        f"{median(rounds['dynamic']):.2f}; int8/fp32 conv peak {peak_ratio:.2f} ({cpu}); "
+        f"{bundle_megabytes(bundles[f'static int8 ({methods[0]})']):.1f} MB vs fp32 {bundle_megabytes(fp32_bundle):.1f} MB",
+    )
+    others = "; ".join(f"{k.removeprefix('static int8 (').rstrip(')')} {v:.3f}" for k, v in agree.items() if k.startswith("static") and k != f"static int8 ({methods[0]})")
+    report.ratio(
+        f"inference {name} static int8 top-1 agreement with fp32 PyTorch, {len(heldout)} held-out photos", agree[f"static int8 ({methods[0]})"], 0.99,
+        note=f"{methods[0]} calibration on {calibration} training images; {others + '; ' if others else ''}dynamic int8 {agree['dynamic int8']:.3f}",
+    )
+
+
 def predict_vs_raw(report: Report, name: str, bundle: Path, files: list[str], rounds: int) -> None:
     """Images/s of Predictor.predict_files on JPEG files vs raw session.run on decoded tensors."""
     import onnxruntime as ort
@@ -255,6 +398,8 @@ def cli_predict(report: Report, bundle: Path, folder: Path, n: int, out: Path) -
 
 
 def main() -> None:
+    from pixelmill.export import export_run
+
     args = parse_args(__doc__.splitlines()[0])
     header("inference", args.quick)
     quiet()
@@ -264,14 +409,21 @@ def main() -> None:
     size, n_files, seconds, rounds = (64, 32, 0.6, 1) if args.quick else (224, 320, 8.0, 3)
     folder = photo_dir(n_files)
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    heldout = sorted(str(p) for p in photo_dir(32 if args.quick else 200, seed=1).rglob("*.jpg"))
     with tempfile.TemporaryDirectory(prefix="pixelmill-bench-infer-") as tmp:
         work = Path(tmp)
         if args.quick:
             bundles = {m: cached_bundle(m, size) for m in models}
+            int8_model, calibration, methods = "small_cnn", 16, ["percentile"]
         else:
-            bundles = {m: train_and_export(m, size, work, args.overrides) for m in models}
+            bundles = {"small_cnn": train_and_export("small_cnn", size, work, args.overrides)}
+            # resnet18 trained for real (2 epochs on 224 photos): int8 agreement means nothing on a near-uniform model.
+            run = train_run("resnet18", size, work, args.overrides, photos=320, epochs=2, batches=1.0, batch_size=32)
+            bundles["resnet18"] = export_run(run, max_images=8).path
+            int8_model, calibration, methods = "resnet18", 128, ["percentile", "minmax", "entropy"]
         for m in models:
             bundle_vs_eager(report, m, bundles[m], files, seconds)
+        int8_vs_eager(report, int8_model, bundles[int8_model], heldout, 2 * seconds, calibration, methods, work)
         if not args.quick:
             cli_predict(report, bundles["resnet18"], folder, len(files), work)
         for m in models:

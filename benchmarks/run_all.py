@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # Serving last: it depends on `pixelmill serve` and is the longest.
-SCRIPTS = ("startup", "train_overhead", "data_pipeline", "inference", "serving")
+SCRIPTS = ("startup", "train_overhead", "train_end_to_end", "data_pipeline", "inference", "serving")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "onnxruntime", "onnx", "pillow", "numpy", "fastapi", "uvicorn", "mlflow")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +126,10 @@ _RELIABILITY: dict[str, list[bool]] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The suite's scans keep their cache in a folder of their own, not the user's (subprocesses inherit it).
+    from pixelmill.caches import SCAN_CACHE_ENV
+
+    os.environ.setdefault(SCAN_CACHE_ENV, tempfile.mkdtemp(prefix="pixelmill-scan-cache-"))
     config.addinivalue_line("markers", "reliability(case): a fault or bad-input case counted in the reliability table")
 
 

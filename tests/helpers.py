@@ -80,9 +80,9 @@ def free_port() -> int:
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without PIXELMILL_* settings (but the cache dirs), plus ``extra``."""
-    from pixelmill.caches import IMAGE_CACHE_ENV, LEGACY_CACHE_ENV, MODEL_CACHE_ENV
+    from pixelmill.caches import IMAGE_CACHE_ENV, LEGACY_CACHE_ENV, MODEL_CACHE_ENV, SCAN_CACHE_ENV
 
-    keep = {IMAGE_CACHE_ENV, MODEL_CACHE_ENV, LEGACY_CACHE_ENV}
+    keep = {IMAGE_CACHE_ENV, MODEL_CACHE_ENV, LEGACY_CACHE_ENV, SCAN_CACHE_ENV}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_") or k in keep}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
@@ -123,3 +123,29 @@ def serve_process(model: str, log_dir: Path, env: dict[str, str] | None = None, 
 def multilabel_overrides(manifest: Path, output_dir: Path, *extra: str, epochs: int = 2) -> list[str]:
     """A quick deterministic CPU run of the small CNN on 32x32 multidigits canvases."""
     return ["data.kind=multilabel", f"data.path={manifest}", *_quick_cpu_run(output_dir, epochs), *extra]
+
+
+def _open_together(barrier, url: str) -> None:
+    import optuna
+
+    from pixelmill.tuning import _open_study
+
+    barrier.wait()
+    _open_study(url, "race", "maximize", optuna.pruners.NopPruner(), heartbeat=30)
+
+
+def assert_two_workers_open_one_new_study(url: str) -> None:
+    """Two forked workers race to create the tables of a new study at ``url``; both must open it, and there is one study."""
+    import multiprocessing
+
+    import optuna
+
+    fork = multiprocessing.get_context("fork")
+    barrier = fork.Barrier(2)
+    workers = [fork.Process(target=_open_together, args=(barrier, url)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0], f"{url}: a worker could not open the new study"
+    assert len(optuna.get_all_study_summaries(url)) == 1

@@ -82,7 +82,7 @@ def test_every_task_implements_the_whole_protocol(name: str) -> None:
     methods = [m for m, value in vars(Task).items() if callable(value) and not m.startswith("_")]
     inherited = [m for m in methods if getattr(type(task), m) is getattr(Task, m)]
     # Defaults that are correct for a task whose output is one row per input.
-    optional = {"check_model", "save_preprocessing", "split_outputs", "join_inputs", "check_export", "choose_operating_point", "recognises"}
+    optional = {"check_model", "save_preprocessing", "split_outputs", "join_inputs", "check_export", "choose_operating_point", "recognises", "check_data"}
     assert set(inherited) <= optional, f"task '{name}' lacks {sorted(set(inherited) - optional)}"
     assert task.name == name and task.title and task.sample_noun
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ("startup", "train_overhead", "data_pipeline", "inference", "serving")
+SCRIPTS = ("startup", "train_overhead", "train_end_to_end", "data_pipeline", "inference", "serving")
 RATIO_LINE = re.compile(r"^ratio .+ = \d+\.\d{3} \(target (>=|<=) [\d.]+: (ok|MISSED)(; .*)?\)$")
 
 

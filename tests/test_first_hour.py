@@ -48,7 +48,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     [
         (["trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"),
         (["data.path=/nonexistent"], "data path '/nonexistent' does not exist"),
-        (["data.path=/nonexistent", "optim.lr=-1"], "bad value -1.0 for 'optim.lr'"),
+        (["data.path=/nonexistent", "optim.lr=-1"], "bad value -1 for 'optim.lr'"),
         (["data.path=.", "model.name=foo:resnet18"], "unknown model source 'foo'"),
         (["resume=/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
     ],
@@ -83,10 +83,20 @@ def test_config_lists_every_key_with_type_default_allowed_and_help():
 
     out = subprocess.run(PIXELMILL + ["config"], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr
-    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 6}
+    rows: dict[str, str] = {}
+    cells: dict[str, list[list[str]]] = {}
+    key = None
+    for line in out.stdout.splitlines():
+        if line.count("│") < 6:
+            continue
+        parts = [part.strip() for part in line.split("│")[1:-1]]
+        key = parts[0] or key  # a row whose key cell is empty continues the wrapped row above
+        rows[key] = rows.get(key, "") + line
+        cells.setdefault(key, []).append(parts)
     for doc in describe():
         assert doc.key in rows, f"{doc.key} missing from `pixelmill config`"
-        assert doc.help and doc.help in rows[doc.key], doc.key
+        shown_help = " ".join(parts[-1] for parts in cells[doc.key] if parts[-1])  # the help column, unwrapped
+        assert doc.help and doc.help == shown_help, doc.key
         assert doc.type in rows[doc.key], doc.key
     assert "auto, split, flat, csv" in rows["data.layout"] and "[1, inf)" in rows["trainer.max_epochs"]
     assert "csv, tensorboard, mlflow" in rows["logger"]  # a list value, not swallowed as markup

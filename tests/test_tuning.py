@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -16,10 +15,10 @@ import optuna
 import pytest
 import yaml
 
-from helpers import fast_train_overrides
+from helpers import assert_two_workers_open_one_new_study, fast_train_overrides
 from pixelmill.config import load_config
 from pixelmill.errors import ConfigError
-from pixelmill.tuning import PARENT_ATTR, _open_study, load_space, tune
+from pixelmill.tuning import PARENT_ATTR, load_space, tune
 
 PIXELMILL = [sys.executable, "-m", "pixelmill.cli"]
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -128,24 +127,10 @@ def _tune_cmd(digits_root: Path, tmp_path: Path, study: str, trials: int, epochs
     return PIXELMILL + ["tune", "--space", str(_space(tmp_path)), "--trials", str(trials), "--study", study, *args]
 
 
-def _open_together(barrier, url: str) -> None:
-    barrier.wait()
-    _open_study(url, "race", "maximize", optuna.pruners.NopPruner(), heartbeat=30)
-
-
 def test_workers_started_together_on_a_new_database_both_open_the_study(tmp_path):
     """Both race to create the tables and the schema stamp; neither may fail with 'already exists'."""
-    fork = multiprocessing.get_context("fork")
     for attempt in range(3):  # one round fails 13 times in 15 without the retry
-        url = f"sqlite:///{tmp_path / f'study{attempt}.db'}"
-        barrier = fork.Barrier(2)
-        workers = [fork.Process(target=_open_together, args=(barrier, url)) for _ in range(2)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(timeout=120)
-        assert [w.exitcode for w in workers] == [0, 0], f"round {attempt}: a worker could not open the new study"
-        assert len(optuna.get_all_study_summaries(url)) == 1
+        assert_two_workers_open_one_new_study(f"sqlite:///{tmp_path / f'study{attempt}.db'}")
 
 
 @pytest.mark.slow

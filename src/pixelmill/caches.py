@@ -4,11 +4,13 @@
   default ``<user cache>/pixelmill/images``.
 - ``$PIXELMILL_MODEL_CACHE_DIR``: bundles downloaded from the model registry (``models:/`` URIs);
   default ``<user cache>/pixelmill/models``.
+- ``$PIXELMILL_SCAN_CACHE_DIR``: what the scan learnt about each image file (``data.scan_cache``);
+  default ``<user cache>/pixelmill/scans``.
 
 ``<user cache>`` is the platform's user cache folder (platformdirs): ``$XDG_CACHE_HOME`` or
 ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows.
-``$PIXELMILL_CACHE_DIR`` is the older name that meant both folders at once; it is still read,
-as either folder, when that folder's own variable is unset.
+``$PIXELMILL_CACHE_DIR`` is the older name that meant every folder at once; it is still read,
+as any of them, when that folder's own variable is unset.
 
 Light on purpose (no torch, no mlflow): the serving process resolves ``models:/`` URIs through it.
 """
@@ -22,7 +24,8 @@ import platformdirs
 
 IMAGE_CACHE_ENV = "PIXELMILL_IMAGE_CACHE_DIR"
 MODEL_CACHE_ENV = "PIXELMILL_MODEL_CACHE_DIR"
-LEGACY_CACHE_ENV = "PIXELMILL_CACHE_DIR"  # the old name for both; the variables above take precedence
+SCAN_CACHE_ENV = "PIXELMILL_SCAN_CACHE_DIR"
+LEGACY_CACHE_ENV = "PIXELMILL_CACHE_DIR"  # the old name for all of them; the variables above take precedence
 
 
 def _cache_dir(env: str, name: str) -> Path:
@@ -38,3 +41,8 @@ def image_cache_dir() -> Path:
 def model_cache_dir() -> Path:
     """Where bundles downloaded for ``models:/`` URIs live."""
     return _cache_dir(MODEL_CACHE_ENV, "models")
+
+
+def scan_cache_dir() -> Path:
+    """Where the scan keeps each image file's verdict and hash (``data.scan_cache``)."""
+    return _cache_dir(SCAN_CACHE_ENV, "scans")

@@ -285,7 +285,7 @@ def config_command(
 
 @data_app.command("demo")
 def data_demo(
-    name: str = typer.Argument(..., help="digits, breast_cancer, wine or multidigits"),
+    name: str = typer.Argument(..., help="digits, breast_cancer, wine, multidigits or patches"),
     out: Path = typer.Option(..., "--out", help="Output folder."),
 ) -> None:
     """Write a built-in real dataset (from scikit-learn) to OUT."""
@@ -303,13 +303,14 @@ def data_demo(
 def data_scan(
     path: Path = typer.Argument(..., help="An image folder or a CSV manifest."),
     layout: str = typer.Option("auto", help="auto, split, flat or csv"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse the verdicts of files unchanged since an earlier scan (the scan cache)."),
 ) -> None:
     """Verify every image under PATH and print counts per split, class and skip reason."""
     from pixelmill.data.scan import scan_images
 
     _setup_logging()
     with _working(f"scanning {path}: reading and verifying every image"):
-        scan = scan_images(path, layout=layout)
+        scan = scan_images(path, layout=layout, cache=cache)
     table = Table(title=f"{path} ({scan.layout} layout)")
     table.add_column("class")
     for split in scan.splits:
@@ -422,10 +423,14 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     checkpoint: str = typer.Option("best", help="best, last or a checkpoint path"),
     fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
-    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 quantisation (ONNX only)"),
-    out: Optional[Path] = typer.Option(None, help="Bundle directory (default RUN_DIR/bundle, bundle-int8, bundle-torchscript)."),
+    quantize: Optional[str] = typer.Option(
+        None, help="int8: static int8, calibrated on the run's training images (the fast one); int8-dynamic: weights only, reads no images (ONNX only)"
+    ),
+    out: Optional[Path] = typer.Option(None, help="Bundle directory (default RUN_DIR/bundle, bundle-int8, bundle-int8-dynamic, bundle-torchscript)."),
     max_images: int = typer.Option(64, help="Evaluation images the export is checked on."),
     min_int8_agreement: float = typer.Option(0.99, help="int8 only: share of images whose top-1 (multi-label: of label decisions) must match PyTorch."),
+    calibration_images: Optional[int] = typer.Option(None, help="--quantize int8: training images the activation ranges are measured on (default 128)."),
+    calibration_method: Optional[str] = typer.Option(None, help="--quantize int8: percentile (default), minmax or entropy - ONNX Runtime's calibrators."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default EXPERIMENT-RUN)."),
 ) -> None:
     """Export a run to a bundle checked against PyTorch on real evaluation images."""
@@ -437,15 +442,17 @@ def export(
     with _working(f"exporting {run_dir} and checking it against PyTorch"):
         bundle = export_run(
             run_dir, checkpoint=checkpoint, fmt=fmt, quantize=quantize, out=out, max_images=max_images,
-            name=name, min_int8_agreement=min_int8_agreement,
+            name=name, min_int8_agreement=min_int8_agreement, calibration_images=calibration_images, calibration_method=calibration_method,
         )
     info = bundle.info
     check = info.export
     noun = TASKS[info.kind].sample_noun
     inputs = f"{info.input.name} {info.input.dtype} {info.input.shape} {info.input.layout}" if info.input else f"{len(info.inputs or [])} named inputs"
+    quantization = check.get("quantization") or {}
     rows = [
         ("bundle", str(bundle.path)),
-        ("model", f"{info.model_file} ({check['format']}{', int8' if check.get('quantize') else ''})"),
+        ("model", f"{info.model_file} ({check['format']}{', int8 ' + quantization.get('mode', '') if check.get('quantize') else ''})"),
+        *([("calibration", f"{quantization['calibration_method']} on {quantization['calibration_images']} training images")] if "calibration_images" in quantization else []),
         ("input", inputs),
         ("classes", ", ".join(bundle.classes)),
         (f"checked {noun}", str(check["checked_images"])),
@@ -501,6 +508,44 @@ def predict(
         console.print(table)
     if result.failed:
         err.print(f"[yellow]{result.failed} of {total} input(s) could not be read[/]")
+
+
+@app.command()
+def explain(
+    model: str = typer.Argument(..., help="A run directory (Grad-CAM in PyTorch), a bundle directory with the explain output, or models:/..."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class (default: the predicted class; multi-label: each predicted label)."),
+    out: Path = typer.Option(Path("explanations"), "--out", help="Folder for <image>_<class>.png (heatmap over the image) and .npy (the map)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Run directories: the layer Grad-CAM explains (default: the last feature map)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
+    checkpoint: str = typer.Option("best", help="For a run directory: best, last or a checkpoint path."),
+) -> None:
+    """Show where the model looked: a heatmap per image over the image, for its predicted class or --class."""
+    from pixelmill.errors import ConfigError
+    from pixelmill.explain.images import explain_images, write_explanations
+    from pixelmill.inference.predictor import Predictor, expand_inputs
+
+    _setup_logging()
+    _quiet_exporters()
+    predictor = Predictor.load(model, tracking_uri=tracking_uri, checkpoint=checkpoint)
+    if layer is not None:
+        if not hasattr(predictor.classifier, "layer"):
+            raise ConfigError("--layer applies to run directories (Grad-CAM in PyTorch); a bundle's maps come from its final feature map")
+        predictor.classifier.layer = layer
+    results = explain_images(predictor.classifier, expand_inputs(inputs), class_name)
+    written = write_explanations(results, out)
+    table = Table(title=f"{len(written)} heatmap(s) in {out}")
+    for column in ("input", "class", "probability", "peak (row, col)"):
+        table.add_column(column, overflow="fold" if column == "input" else None)
+    failed = [r for r in results if r.error is not None]
+    for result in results:
+        for explanation in result.explanations:
+            table.add_row(result.source, explanation.label, f"{explanation.probability:.4f}", str(explanation.peak()))
+    console.print(table)
+    for result in failed:
+        err.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(2)
 
 
 def _versions_table(title: str, versions) -> Table:
@@ -611,6 +656,57 @@ def tune(
         console.print(f"best config: {result.best_config} (pixelmill train --config {result.best_config})")
     for plot in result.plots:
         console.print(f"plot: {plot}")
+
+
+@app.command("cv")
+def cross_validation(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides applied to every fold run."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The base YAML config of every fold run."),
+    folds: Optional[int] = typer.Option(None, "--folds", "-k", help="Number of folds K (at least 2)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="A cross-validation directory to continue; it keeps its config and folds."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the cross-validation directory (default: cv-TIME); fold runs are NAME-fold-K."),
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Cross-validate: K runs on group-aware, stratified folds of train+val; a test split stays fixed. --resume continues."""
+    import shlex
+
+    from pixelmill import crossval  # torch-free until it trains
+    from pixelmill.config import check_inputs, load_config
+    from pixelmill.errors import ConfigError
+
+    _setup_logging(verbose)
+    if resume is not None:
+        if folds is not None or config is not None or overrides or name:
+            raise ConfigError("--resume continues a cross-validation with its own config and folds; drop --folds, --config, --name and key=value")
+        crossval.check_cv_dir(resume)
+    else:
+        if folds is None:
+            raise ConfigError("pass --folds K (at least 2) to start a cross-validation, or --resume CV_DIR to continue one")
+        crossval.check_folds(folds)
+        check_inputs(load_config(overrides or [], config))  # a mistake in the config answers before the heavy imports
+    with _working("loading PyTorch and Lightning"):
+        import pixelmill.training.fit  # noqa: F401  (the heavy imports, behind the spinner)
+    _lightning_through_root()
+    if resume is not None:
+        result = crossval.resume(resume)
+    else:
+        result = crossval.cross_validate(overrides or [], folds, config, name=name)
+    if result.status != "finished":
+        console.print(f"cross-validation {result.status}; continue with: pixelmill cv --resume {shlex.quote(str(result.cv_dir))}")
+        return
+    table = Table(title=f"cross-validation {result.name} ({result.folds} folds, mean \u00b1 sample std)")
+    for column in ("split", "metric", "mean \u00b1 std", "per fold"):
+        table.add_column(column, justify="right" if column != "split" and column != "metric" else "left")
+    for split, part in (result.summary or {}).get("splits", {}).items():
+        for key, label in _TEST_HEADLINE:
+            if key in part["mean"]:
+                std = part["std"][key]
+                per_fold = ", ".join(_fmt(row["metrics"][key]) if key in row["metrics"] else "-" for row in part["per_fold"])
+                table.add_row(split, label, f"{_fmt(part['mean'][key])} \u00b1 {_fmt(std) if std is not None else '-'}", per_fold)
+    console.print(table)
+    console.print(f"fold runs: {', '.join(str(d) for d in result.run_dirs)}", soft_wrap=True)
+    console.print(f"summary: {result.cv_dir / crossval.SUMMARY_FILE}", soft_wrap=True)
+    console.print(f"report: {result.report}", soft_wrap=True)
 
 
 def main() -> None:

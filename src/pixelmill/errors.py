@@ -13,8 +13,22 @@ class PixelmillError(Exception):
     exit_code = 2
 
     def __init__(self, message: str = ""):
-        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+        message = _from_worker(str(message))
+        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         super().__init__(one_line)
+
+
+def _from_worker(message: str) -> str:
+    """The original message of an error a DataLoader worker raised.
+
+    PyTorch raises it again in the training process as ``type("Caught X in DataLoader worker process 0.
+    Original Traceback (most recent call last): ...")``, the worker's traceback inside the message; its
+    last line is ``pixelmill.errors.X: the message``. (PyTorch keeps no reference to the original.)
+    """
+    if not (message.startswith("Caught ") and "DataLoader worker" in message and "\nOriginal Traceback" in message):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 class ConfigError(PixelmillError):

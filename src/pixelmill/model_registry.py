@@ -174,8 +174,19 @@ def _metric_tags(info: BundleMeta) -> dict[str, str]:
     return tags
 
 
+def is_tracking_server(uri: str | None) -> bool:
+    """An MLflow tracking server (``http(s)://``): it decides itself where artifacts go (``--artifacts-destination``)."""
+    return bool(uri) and uri.split("://", 1)[0].lower() in ("http", "https")
+
+
 def _artifact_location(uri: str, run_dir: Path, explicit: str | None) -> str | None:
-    """Where a new experiment stores artifacts: explicit, else next to a SQLite file as ``mlartifacts/``."""
+    """Where a new experiment stores artifacts: explicit, else next to a SQLite file as ``mlartifacts/``.
+
+    A tracking server ignores a plain local folder: on this machine's disk the server and other
+    machines could not read it. A ``file:///shared/mount`` URI is still taken as it is.
+    """
+    if explicit and is_tracking_server(uri) and "://" not in explicit:
+        return None
     if explicit:
         return explicit if "://" in explicit else Path(explicit).resolve().as_uri()
     db = _sqlite_path(uri)
@@ -218,8 +229,8 @@ def _signature(info: BundleMeta):
     )
 
 
-def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta, run_name: str) -> tuple[str, str]:
-    """Log the ONNX flavour and the bundle directory in a new MLflow run; return (run_id, model_uri)."""
+def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta, run_name: str) -> tuple[str, str, str | None]:
+    """Log the ONNX flavour and the bundle directory in a new MLflow run; return (run_id, model_uri, logged model id)."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -239,7 +250,7 @@ def _log_bundle(uri: str, experiment_id: str, bundle_dir: Path, info: BundleMeta
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
         mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
-    return run.info.run_id, logged.model_uri
+    return run.info.run_id, logged.model_uri, getattr(logged, "model_id", None)
 
 
 def register(
@@ -277,9 +288,10 @@ def register(
     with _store_lock(uri), _tracking(uri):
         client = _retry(lambda: _client(uri))
         experiment_id = _retry(lambda: _experiment_id(client, summary.experiment or "pixelmill", _artifact_location(uri, run_dir, artifact_location)))
-        run_id, model_uri = _retry(lambda: _log_bundle(uri, experiment_id, bundle.path, info, f"register-{run_dir.name}"))
+        run_id, model_uri, model_id = _retry(lambda: _log_bundle(uri, experiment_id, bundle.path, info, f"register-{run_dir.name}"))
         _retry(lambda: _ensure_registered_model(client, name))
-        mv = _retry(lambda: client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags))
+        # A tracking server accepts a models:/m-... source only with the logged model's id beside it.
+        mv = _retry(lambda: client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id))
     log.info("registered %s version %s from %s", name, mv.version, run_dir)
     return _version_info(mv)
 

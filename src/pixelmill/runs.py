@@ -6,6 +6,7 @@ A run directory is the source of truth for one run; trackers mirror it::
         config.yaml  summary.json  metrics.csv  train.log
         checkpoints/best.ckpt  checkpoints/last.ckpt
         eval/<split>/...  plots/  report.html
+        threshold.json (binary)  thresholds.json (multi-label)  calibration.json  splits.csv
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
+THRESHOLD = "threshold.json"  # a binary model's operating point (eval.threshold): positive class and threshold
 
 
 def default_run_name() -> str:
@@ -58,6 +60,15 @@ def write_splits(run_dir: Path, data: Any) -> Path:
     writer.writerows(rows)
     write_atomic(Path(run_dir) / SPLITS_FILE, buffer.getvalue())
     return Path(run_dir) / SPLITS_FILE
+
+
+def read_decision(run_dir: Path) -> tuple[str, float] | None:
+    """(positive class, threshold) of a binary run; None for other runs (and binary runs trained before thresholds)."""
+    path = Path(run_dir) / THRESHOLD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return str(record["positive"]), float(record["threshold"])
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -126,6 +137,7 @@ class RunSummary(BaseModel):
     tracked_epochs: int = 0
     best: Optional[BestEpoch] = None
     eval: dict[str, dict[str, Any]] = {}  # split -> headline metrics
+    tuned: dict[str, Any] = {}  # the values the finders chose for `auto` keys: {"optim.lr": 0.00251, "data.batch_size": 256}
 
     @property
     def fingerprint(self) -> Optional[str]:

@@ -15,12 +15,13 @@ import platform
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from lightning.pytorch.loggers import Logger
 
 from pixelmill.config.schema import LOGGERS
 from pixelmill.errors import ConfigError
+from pixelmill.model_registry import is_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,14 @@ def _route_mlflow_logs() -> None:
         logger.propagate = True
 
 
-def artifact_uri(location: str | None) -> str | None:
+def artifact_uri(location: str | None, tracking_uri: str | None = None) -> str | None:
+    """``tracking.mlflow.artifact_location`` as a URI for a new experiment; None lets the store choose.
+
+    A tracking server (http(s)://) chooses itself (its ``--artifacts-destination``): a plain local
+    folder would put the run's files on the training machine, out of the server's reach.
+    """
     if location and "://" not in location:
-        return Path(location).resolve().as_uri()
+        return None if is_tracking_server(tracking_uri) else Path(location).resolve().as_uri()
     return location
 
 
@@ -78,6 +84,56 @@ def check_trackers(cfg) -> None:
             raise ConfigError("logger 'wandb' needs the wandb package: pip install 'pixelmill[wandb]'") from None
 
 
+def ensure_experiment(cfg, name: str) -> str:
+    """The id of MLflow experiment ``name``, created if missing.
+
+    Processes started together on a new experiment (trainings sharing a server, tuning workers,
+    a parent and its first child run) race to create it: the losers take the winner's.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow.uri)
+    if (found := client.get_experiment_by_name(name)) is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location, cfg.tracking.mlflow.uri))
+    except Exception:
+        if (found := client.get_experiment_by_name(name)) is None:
+            raise
+        return found.experiment_id
+
+
+def create_parent_run(cfg, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A new MLflow run in ``experiment`` for runs to nest under (``tracking.mlflow.parent_run_id``): a study, a cross-validation."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = ensure_experiment(cfg, experiment)
+    return MlflowClient(tracking_uri=cfg.tracking.mlflow.uri).create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def log_to_parent_run(
+    cfg, run_id: str, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None, files: Iterable[Path] = (), status: str | None = None
+) -> None:
+    """Metrics, tags and files to a parent run; ``status`` (FINISHED, FAILED, KILLED, RUNNING) sets its state."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow.uri)
+    if metrics:  # one request for all (a cross-validation has a hundred figures)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    elif status:
+        client.set_terminated(run_id, status)
+
+
 def _csv(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -96,11 +152,12 @@ def _mlflow(cfg, run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
 
     _quick_mlflow_http()
     _route_mlflow_logs()
+    ensure_experiment(cfg, cfg.experiment)  # Lightning's logger would fail on losing the race to create it
     logger = MLFlowLogger(
         experiment_name=cfg.experiment,
         run_name=run_name,
         tracking_uri=cfg.tracking.mlflow.uri,
-        artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location),
+        artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location, cfg.tracking.mlflow.uri),
         run_id=ids.get("mlflow"),
         tags={"mlflow.parentRunId": cfg.tracking.mlflow.parent_run_id} if cfg.tracking.mlflow.parent_run_id else None,
     )

@@ -188,7 +188,7 @@ def _open_study(url: str, name: str, direction: str, pruner: optuna.pruners.Base
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 )
     except ImportError:
-        raise ConfigError(f"no database driver for '{url.split(':')[0]}': pip install psycopg2-binary (postgresql) or pymysql (mysql+pymysql://)") from None
+        raise ConfigError(f"no database driver for '{url.split(':')[0]}': pip install 'psycopg[binary]' (postgresql://) or pymysql (mysql+pymysql://)") from None
     except (SQLAlchemyError, ValueError) as exc:
         safe = make_url(url).render_as_string(hide_password=True)
         raise ConfigError(f"cannot open the study storage '{safe}' ({str(exc).splitlines()[0][:200]})") from None
@@ -210,16 +210,9 @@ def _mlflow_parent(study: optuna.Study, cfg, created: bool) -> str:
             break
     if run_id:
         return run_id
-    from mlflow.tracking import MlflowClient
+    from pixelmill.tracking import create_parent_run
 
-    from pixelmill.tracking import artifact_uri
-
-    client = MlflowClient(tracking_uri=cfg.tracking.mlflow.uri)
-    if (experiment := client.get_experiment_by_name(study.study_name)) is None:
-        with contextlib.suppress(Exception):  # a trial of another worker may create it first
-            client.create_experiment(study.study_name, artifact_location=artifact_uri(cfg.tracking.mlflow.artifact_location))
-        experiment = client.get_experiment_by_name(study.study_name)
-    run_id = client.create_run(experiment.experiment_id, run_name=study.study_name, tags={"pixelmill.study": study.study_name}).info.run_id
+    run_id = create_parent_run(cfg, study.study_name, study.study_name, {"pixelmill.study": study.study_name})
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
 
@@ -337,16 +330,16 @@ def write_plots(study: optuna.Study, study_dir: Path) -> list[Path]:
 
 def _close_parent(cfg, search: _Search, files: list[Path]) -> None:
     """Best value and files to the MLflow parent run; it is finished once the study has all its trials."""
-    from mlflow.tracking import MlflowClient
+    from pixelmill.tracking import log_to_parent_run
 
-    client = MlflowClient(tracking_uri=cfg.tracking.mlflow.uri)
-    if (best := _best(search.study)) is not None:
-        client.log_metric(search.parent, f"best/{cfg.trainer.monitor}", best.value)
-        client.set_tag(search.parent, "best_trial", str(best.number))
-    for path in files:
-        client.log_artifact(search.parent, str(path))
-    if len(search.study.get_trials(deepcopy=False, states=FINISHED)) >= search.n_trials:
-        client.set_terminated(search.parent, "FINISHED")
+    best = _best(search.study)
+    log_to_parent_run(
+        cfg, search.parent,
+        metrics={f"best/{cfg.trainer.monitor}": best.value} if best else None,
+        tags={"best_trial": str(best.number)} if best else None,
+        files=files,
+        status="FINISHED" if len(search.study.get_trials(deepcopy=False, states=FINISHED)) >= search.n_trials else None,
+    )
 
 
 def tune(

@@ -111,5 +111,5 @@ def test_unknown_tabular_name_lists_choices(tmp_path: Path) -> None:
 
 
 def test_demo_registry_dispatches_by_name(tmp_path: Path) -> None:
-    assert set(DEMO_DATASETS) == {"digits", "breast_cancer", "wine", "multidigits"}
+    assert set(DEMO_DATASETS) == {"digits", "breast_cancer", "wine", "multidigits", "patches"}
     assert DEMO_DATASETS["wine"](tmp_path, seed=3) == write_tabular("wine", tmp_path / "direct", seed=3)

@@ -73,12 +73,40 @@ def test_the_bundle_carries_the_temperature_in_its_graph(calibrated: Path, digit
     assert not np.allclose(onnx.classifier.run(batch), torch.softmax(logits, 1).numpy(), atol=1e-3)
 
 
-def test_calibrate_is_refused_where_it_does_not_apply() -> None:
+def test_a_tabular_model_is_calibrated_in_evaluation_eager_and_its_onnx_graph(tmp_path: Path) -> None:
+    """Wine, over-trained: the temperature fitted on val is what evaluation, the run and the bundle all apply."""
+    import csv
+
+    from pixelmill.data.demo import write_tabular
+
+    write_tabular("wine", tmp_path / "data")
+    args = [
+        "data=tabular", f"data.path={tmp_path / 'data'}", "data.target=target", "model=mlp", "logger=[csv]", "optim.lr=0.02",
+        "trainer.progress_bar=false", "trainer.max_epochs=30", f"output_dir={tmp_path / 'runs'}", "eval.calibrate=temperature",
+    ]
+    run = train(load_config(args)).run_dir
+    record = json.loads((run / "calibration.json").read_text())
+    assert record["temperature"] != pytest.approx(1.0, abs=1e-3) and record["ece_after"] <= record["ece_before"]
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["calibration"]["temperature"] == pytest.approx(record["temperature"])
+    bundle = export_run(run, out=tmp_path / "bundle")
+    assert bundle.meta["calibration"] == {"method": "temperature", "temperature": record["temperature"]}
+    with open(tmp_path / "data" / "test.csv", newline="") as fh:
+        records = [{k: v for k, v in row.items() if k != "target"} for row in csv.DictReader(fh)]
+    onnx, eager = Predictor.load(bundle.path).classifier, Predictor.load(run).classifier
+    served = np.array([list(p.probabilities.values()) for p in onnx.predict_records(records)])
+    np.testing.assert_allclose(served, [list(p.probabilities.values()) for p in eager.predict_records(records)], atol=1e-4)
+    with open(run / "eval" / "test" / "predictions.csv", newline="") as fh:
+        evaluated = np.array([[float(row[f"p_{c}"]) for c in bundle.classes] for row in csv.DictReader(fh)])
+    np.testing.assert_allclose(served, evaluated, atol=1e-4)  # the calibrated probabilities evaluation reported
+
+
+def test_an_unknown_or_multilabel_only_calibration_method_is_refused(digits_root: Path, tmp_path: Path) -> None:
     from pixelmill.tasks import get_task
 
-    with pytest.raises(ConfigError, match="eval.calibrate applies to image models"):
-        get_task("tabular").check_model(load_config(["data.kind=tabular", "model.name=mlp", "eval.calibrate=temperature"]))
-    with pytest.raises(ConfigError, match="multi-label runs choose per-label thresholds"):
-        get_task("multilabel").check_model(load_config(["data.kind=multilabel", "eval.calibrate=temperature"]))
     with pytest.raises(ConfigError, match="eval.calibrate"):
-        load_config(["eval.calibrate=platt"])
+        load_config(["eval.calibrate=isotonic"])
+    cfg = load_config(fast_train_overrides(digits_root, tmp_path / "runs", "eval.calibrate=platt"))
+    task = get_task("image")
+    with pytest.raises(ConfigError, match="eval.calibrate=platt applies to multi-label models"):
+        task.check_data(cfg, task.load_data(cfg))

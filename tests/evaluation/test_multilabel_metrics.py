@@ -286,7 +286,11 @@ def test_write_evaluation_writes_every_file(tmp_path, random_data):
     metrics = write_multilabel_evaluation(out, y, probs, thresholds, LABELS, _paths(len(y)))
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["plots"] == PLOTS
-    _assert_matches({k: v for k, v in metrics.items() if k != "plots"}, _expected(y, probs, thresholds, LABELS))
+    _assert_matches({k: v for k, v in metrics.items() if k not in ("plots", "ece")}, _expected(y, probs, thresholds, LABELS))
+    flat_y, flat_p = y.ravel(), probs.astype(np.float64).ravel()  # ECE over every (image, label) probability, 15 bins
+    bins = [(flat_p > b / 15) & (flat_p <= (b + 1) / 15) for b in range(15)]
+    bins[0] |= flat_p == 0
+    assert metrics["ece"] == pytest.approx(sum(m.mean() * abs(flat_y[m].mean() - flat_p[m].mean()) for m in bins if m.any()))
 
     with (out / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))

@@ -62,11 +62,13 @@ def test_bundle_files_and_metadata(bundle_dir: Path, trained_run: Path) -> None:
 
 def test_onnx_graph_takes_uint8_nhwc_with_dynamic_batch(bundle_dir: Path, digits_root: Path) -> None:
     graph = onnx.load(str(bundle_dir / "model.onnx")).graph
-    (inp,), (out,) = graph.input, graph.output
+    (inp,), (out, cam) = graph.input, graph.output  # the second output: class activation maps (explanations)
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and dims[1:] == [32, 32, 1]
     assert out.name == "probabilities" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    cam_dims = [d.dim_param or d.dim_value for d in cam.type.tensor_type.shape.dim]
+    assert cam.name == "cam" and isinstance(cam_dims[0], str) and cam_dims[1:] == [10, 4, 4]
 
     clf = OnnxClassifier(read_bundle(bundle_dir))
     batch = np.stack([clf.prepare(p) for p in _digits(digits_root, n=7)])
@@ -117,19 +119,29 @@ def test_disagreeing_export_leaves_nothing_behind(trained_run: Path, tmp_path: P
 
         return torch.softmax(self.net(image.permute(0, 3, 1, 2).float() / 255.0), dim=1)
 
+    def explainable_without_normalisation(self, image):
+        import torch
+
+        features = self.net.forward_features(image.permute(0, 3, 1, 2).float() / 255.0)
+        return self.activation(self.net.forward_head(features)), torch.einsum("nchw,kc->nkhw", features, self.weights)
+
+    from pixelmill.explain.gradcam import CamHead
+
     monkeypatch.setattr(onnx_export.UInt8Classifier, "forward", forward_without_normalisation)
+    monkeypatch.setattr(CamHead, "forward", explainable_without_normalisation)  # the graph of explainable networks
     out = tmp_path / "bundle"
     with pytest.raises(BundleError, match="refusing to write a bundle"):
         export_run(trained_run, out=out, max_images=16)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_bundle_reports_agreement(trained_run: Path, bundle_dir: Path, tmp_path: Path) -> None:
+def test_dynamic_int8_bundle_reports_agreement(trained_run: Path, bundle_dir: Path, tmp_path: Path) -> None:
     # The shared fixture model is trained for 3 short epochs: its probabilities are nearly
     # flat, so int8 rounding flips a near-tie now and then; 90% is the bar for this model.
-    bundle = export_run(trained_run, quantize="int8", out=tmp_path / "int8", min_int8_agreement=0.9)
+    # Static int8 (`--quantize int8`) has its own tests in test_static_int8.py.
+    bundle = export_run(trained_run, quantize="int8-dynamic", out=tmp_path / "int8", min_int8_agreement=0.9)
     check = bundle.meta["export"]
-    assert check["quantize"] == "int8" and check["min_top1_agreement"] == 0.9
+    assert check["quantize"] == "int8-dynamic" and check["min_top1_agreement"] == 0.9
     assert check["checked_images"] == 64 and 0.9 <= check["top1_agreement"] <= 1.0
     assert 0 < check["max_abs_diff"] < 0.05
     ops = {node.op_type for node in onnx.load(str(bundle.model_file)).graph.node}

@@ -133,3 +133,33 @@ def test_int8_export_is_judged_by_its_label_decisions(multilabel_run: Path, tmp_
     if check["label_agreement"] < 1.0:  # the gate reads label decisions: a stricter bar refuses and writes nothing
         assert refused.exit_code != 0 and "label decisions match PyTorch" in str(refused.exception)
         assert not (tmp_path / "strict").exists()
+
+
+def test_each_predicted_label_is_explained_by_the_bundle_and_the_run(multilabel_bundle: Path, multilabel_run: Path, images: list[Path]) -> None:
+    from pixelmill.explain.images import explain_images
+
+    bundle = read_bundle(multilabel_bundle)
+    assert bundle.meta["explain"]["available"] and bundle.meta["explain"]["max_abs_diff"] <= 1e-3
+    onnx = explain_images(Predictor.load(multilabel_bundle).classifier, [str(p) for p in images])
+    eager = explain_images(Predictor.load(multilabel_run).classifier, [str(p) for p in images])
+    for a, b in zip(onnx, eager):
+        decided = a.prediction.labels or [a.prediction.label]  # no label reached its threshold: the most probable one
+        assert [e.label for e in a.explanations] == decided == [e.label for e in b.explanations]
+        for x, y in zip(a.explanations, b.explanations):
+            assert x.heatmap.shape == (32, 32) and float(np.abs(x.heatmap - y.heatmap).max()) <= 1e-3
+
+
+def test_served_explain_answers_a_heatmap_per_predicted_label(server, multilabel_bundle: Path, images: list[Path]) -> None:
+    """The real server: label sets and thresholds as /predict answers them, one heatmap per decided label, per-file errors."""
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in images[:4]]
+    files.insert(1, ("files", ("broken.png", b"\x89PNG not really", "image/png")))
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        predicted = http.post("/predict", files=[f for f in files if f[1][0] != "broken.png"]).json()["predictions"]
+        answer = http.post("/explain", params={"output": "grid", "cells": 8}, files=files)
+    assert answer.status_code == 200, answer.text
+    explained = answer.json()["predictions"]
+    assert explained[1]["file"] == "broken.png" and "error" in explained[1]
+    for want, got in zip(predicted, [e for e in explained if "error" not in e]):
+        assert got["labels"] == want["labels"] and got["thresholds"] == want["thresholds"]
+        assert [e["label"] for e in got["explanations"]] == (want["labels"] or [want["label"]])
+        assert all(np.array(e["grid"]).shape == (8, 8) for e in got["explanations"])

@@ -21,6 +21,8 @@ def _batch_histogram(url: str) -> tuple[float, float]:
     total = single = 0.0
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         for s in family.samples:
+            if s.labels.get("batcher") != "predict":  # /predict and v2 (not /explain's batcher)
+                continue
             if s.name == "pixelmill_batch_size_count":
                 total = s.value
             elif s.name == "pixelmill_batch_size_bucket" and s.labels["le"] == "1.0":

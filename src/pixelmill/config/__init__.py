@@ -21,9 +21,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pixelmill.config.schema import (
+    AUTO_KEYS,
     CHOICES,
     DOCS,
     GROUP_DOCS,
+    INTEGER_KEYS,
     LOGGERS,
     RANGES,
     SHOWN_TYPES,
@@ -137,12 +139,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and str(value) not in choices:
             raise ConfigError(f"bad value '{value}' for '{key}'; choose one of: {', '.join(choices)}")
+    for key in AUTO_KEYS:
+        _numbers_from_text(cfg, key)
     for key, (low, high, inclusive) in RANGES.items():
         value = OmegaConf.select(cfg, key)
-        if value is None:
+        if value is None or (key in AUTO_KEYS and value == "auto"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"bad value {value!r} for '{key}': expected a number")
+            raise ConfigError(f"bad value {value!r} for '{key}': expected a number{' or auto' if key in AUTO_KEYS else ''}")
+        if key in INTEGER_KEYS and not float(value).is_integer():
+            raise ConfigError(f"bad value {value!r} for '{key}': expected a whole number or auto")
         too_low = low is not None and (value < low if inclusive else value <= low)
         too_high = high is not None and value > high
         if too_low or too_high:
@@ -154,6 +160,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and value > 1.0):
             raise ConfigError(f"bad value {value!r} for '{key}'; give a number of batches (an integer) or a fraction in (0, 1]")
+    _check_recipe(cfg)
     loggers = list(cfg.logger)
     unknown = [name for name in loggers if name not in LOGGERS]
     if unknown:
@@ -168,6 +175,37 @@ def validate(cfg: DictConfig) -> None:
     for k in cfg.eval.top_k:
         if k < 1:
             raise ConfigError(f"bad value {k} in 'eval.top_k'; each k must be at least 1")
+
+
+def _numbers_from_text(cfg: DictConfig, key: str) -> None:
+    """A number that YAML read as text (``1e-3``: YAML 1.1 wants ``1.0e-3``) becomes the number; a key typed
+    float does this itself, one that also takes ``auto`` is typed Any and needs it done."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, str) and value != "auto":
+        try:
+            number = float(value)
+        except ValueError:
+            return  # the range check names the key and the bad value
+        OmegaConf.update(cfg, key, int(number) if key in INTEGER_KEYS and number.is_integer() else number)
+
+
+def _check_recipe(cfg: DictConfig) -> None:
+    """The training-recipe keys that depend on each other: weight averaging and its start."""
+    start = cfg.trainer.swa_epoch_start
+    epoch = isinstance(start, int) and not isinstance(start, bool) and start >= 1
+    fraction = isinstance(start, float) and 0.0 < start < 1.0
+    if not (epoch or fraction):
+        raise ConfigError(f"bad value {start!r} for 'trainer.swa_epoch_start'; give an epoch number (1: the first) or a fraction in (0, 1) of trainer.max_epochs")
+    if cfg.trainer.swa and epoch and start > cfg.trainer.max_epochs:
+        raise ConfigError(f"trainer.swa_epoch_start={start} comes after the last epoch (trainer.max_epochs={cfg.trainer.max_epochs}); averaging would never start")
+    if cfg.model.ema and cfg.trainer.swa:
+        raise ConfigError("model.ema=true and trainer.swa=true both replace the trained weights by an average; set one of them to false")
+    averaging = "model.ema" if cfg.model.ema else "trainer.swa" if cfg.trainer.swa else None
+    if averaging and cfg.model.freeze_backbone:
+        raise ConfigError(
+            f"{averaging}=true averages the whole network's weights over training, but model.freeze_backbone=true trains only its head;"
+            f" set {averaging}=false, or model.freeze_backbone=false to fine-tune everything"
+        )
 
 
 def _kind_of(path: Path) -> str | None:

@@ -31,6 +31,11 @@ class AugmentConfig:
     random_resized_crop: bool = False
     scale_min: float = 0.8
     auto_augment: str = "none"
+    translate: float = 0.0
+    zoom: float = 0.0
+    shear: float = 0.0
+    blur: float = 0.0
+    random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
 
@@ -45,11 +50,12 @@ class DataConfig:
     image_size: Optional[int] = None
     crop_pct: Optional[float] = None
     interpolation: Optional[str] = None
-    batch_size: int = 64
+    batch_size: Any = 64  # or auto: Lightning's batch-size finder (training/finders.py)
     eval_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: Any = "auto"  # auto: data/datamodule.py resolve_workers
     # Decoded, resized images kept after their first read: none, memory (shared RAM) or disk (mmap file).
     cache: str = "none"
+    scan_cache: bool = True
     sampler: str = "shuffle"
     leakage: str = "warn"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -67,7 +73,13 @@ class ModelConfig:
     weights: Optional[str] = None
     in_chans: int = 3
     drop_rate: Optional[float] = None
+    drop_path_rate: Optional[float] = None
     freeze_backbone: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998  # timm train.py's --model-ema-decay
+    ema_warmup: bool = True
+    channels_last: bool = False
+    grad_checkpointing: bool = False
     class_weights: str = "none"
     label_smoothing: float = 0.0
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
@@ -77,7 +89,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: Any = 1e-3  # or auto: Lightning's learning-rate finder (training/finders.py)
     weight_decay: float = 1e-4
     momentum: float = 0.9
 
@@ -99,6 +111,7 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    ddp_timeout_s: int = 1800  # PyTorch's default; a lost node stops the others after it
     sync_batchnorm: bool = False
     precision: str = "32"
     accumulate_grad_batches: int = 1
@@ -112,6 +125,11 @@ class TrainerConfig:
     limit_val_batches: Any = 1.0
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    compile: bool = False
+    swa: bool = False
+    # Like limit_*: an int is an epoch number (1: the first), a float in (0, 1) a fraction of max_epochs.
+    swa_epoch_start: Any = 0.8
+    swa_lr: Optional[float] = None
 
 
 @dataclass
@@ -137,7 +155,8 @@ class TrackingConfig:
 class EvalConfig:
     top_k: list[int] = field(default_factory=lambda: [1, 5])
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated after training
-    threshold: str = "max_f1"  # multi-label decision rule per label (evaluation/rules.py), or a fixed probability
+    threshold: str = "auto"  # binary and multi-label decision rule (evaluation/rules.py), or a fixed probability
+    positive_class: str = ""  # binary models: the class eval.threshold decides for ("": the second class)
     bootstrap: int = 1000  # resamples of the 95% confidence intervals (0: none)
     calibrate: str = "none"
 
@@ -175,7 +194,7 @@ CHOICES: dict[str, Collection[str]] = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "trainer.precision": ("32", "16-mixed", "bf16-mixed", "64"),
     "trainer.mode": ("min", "max"),
-    "eval.calibrate": ("none", "temperature"),
+    "eval.calibrate": ("none", "temperature", "platt"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -191,10 +210,17 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.augment.rotation": (0.0, 180.0, True),
     "data.augment.color_jitter": (0.0, 1.0, True),
     "data.augment.scale_min": (0.0, 1.0, False),
+    "data.augment.translate": (0.0, 0.5, True),
+    "data.augment.zoom": (0.0, 0.9, True),
+    "data.augment.shear": (0.0, 45.0, True),
+    "data.augment.blur": (0.0, 1.0, True),
+    "data.augment.random_erasing": (0.0, 1.0, True),
     "data.augment.mixup_alpha": (0.0, None, True),
     "data.augment.cutmix_alpha": (0.0, None, True),
     "model.in_chans": (1, 4, True),
     "model.drop_rate": (0.0, 1.0, True),
+    "model.drop_path_rate": (0.0, 1.0, False),
+    "model.ema_decay": (0.0, 1.0, False),
     "model.label_smoothing": (0.0, 1.0, True),
     "optim.lr": (0.0, None, False),
     "optim.weight_decay": (0.0, None, True),
@@ -212,6 +238,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "trainer.limit_val_batches": (0.0, None, True),
     "trainer.log_every_n_steps": (1, None, True),
     "trainer.num_nodes": (1, None, True),
+    "trainer.swa_lr": (0.0, None, False),
+    "trainer.ddp_timeout_s": (1, None, True),
     "seed": (0, 2**32 - 1, True),
     "eval.bootstrap": (0, 100_000, True),
 }
@@ -221,7 +249,16 @@ SHOWN_TYPES: dict[str, str] = {
     "trainer.devices": "int | str | list",
     "trainer.limit_train_batches": "int | float",
     "trainer.limit_val_batches": "int | float",
+    "trainer.swa_epoch_start": "int | float",
+    "optim.lr": "float | auto",
+    "data.batch_size": "int | auto",
+    "data.num_workers": "int | auto",
 }
+
+# Keys that take `auto` besides a number in their RANGES: what `auto` does is in DOCS.
+AUTO_KEYS: tuple[str, ...] = ("optim.lr", "data.batch_size", "data.num_workers")
+# Of those, the ones whose number must be whole.
+INTEGER_KEYS: tuple[str, ...] = ("data.batch_size", "data.num_workers")
 
 # One line per group, the headings of `pixelmill config` and of `pixelmill config --template`.
 GROUP_DOCS: dict[str, str] = {
@@ -254,10 +291,11 @@ DOCS: dict[str, str] = {
     "data.image_size": "input side in pixels (default: what the model was made for)",
     "data.crop_pct": "centre-crop share at evaluation (default: the model's, else 1.0)",
     "data.interpolation": "resize filter (default: the model's, else bilinear)",
-    "data.batch_size": "samples per training batch",
+    "data.batch_size": "samples per training batch; auto: Lightning's batch-size finder (doubling from 2; at most 256 off CUDA), kept in config.yaml",
     "data.eval_batch_size": "samples per validation / test batch (default: data.batch_size)",
-    "data.num_workers": "data-loader worker processes (0: load in the training process)",
+    "data.num_workers": "data-loader worker processes (0: load in the training process); auto: the usable CPU cores per training process minus one, at most 8",
     "data.cache": "keep decoded, resized images after their first read: in shared RAM or a memory-mapped file",
+    "data.scan_cache": "image data: keep each file's verification (by path, size, mtime) in $PIXELMILL_SCAN_CACHE_DIR; a re-run verifies only new or changed files",
     "data.sampler": "batch order: shuffle, or balanced (every class equally often)",
     "data.leakage": "byte-identical images in two splits: warn (listed in summary.json and the report) or error",
     "data.target": "tabular only: the CSV column to predict",
@@ -271,6 +309,11 @@ DOCS: dict[str, str] = {
     "data.augment.color_jitter": "strength of random brightness / contrast / saturation changes",
     "data.augment.random_resized_crop": "random crops of the image, resized to data.image_size",
     "data.augment.scale_min": "smallest area share a random resized crop keeps",
+    "data.augment.translate": "random shift up to this share of the width / height either way (0: off)",
+    "data.augment.zoom": "random zoom in or out by up to this share (0.1: 90% to 110%; 0: off)",
+    "data.augment.shear": "random shear up to this many degrees either way (0: off)",
+    "data.augment.blur": "probability of a Gaussian blur (kernel a tenth of data.image_size, sigma 0.1 to 2)",
+    "data.augment.random_erasing": "probability of erasing a random rectangle to the mean colour (timm's reprob; 0.25 is timm's usual)",
     "data.augment.auto_augment": "a learned augmentation policy on top of the above",
     "data.augment.mixup_alpha": "mixup strength (0: off)",
     "data.augment.cutmix_alpha": "cutmix strength (0: off)",
@@ -279,13 +322,19 @@ DOCS: dict[str, str] = {
     "model.weights": "a local .safetensors or state-dict file to start from (never an arbitrary pickle)",
     "model.in_chans": "input channels: 1 for grayscale, 3 for RGB",
     "model.drop_rate": "dropout before the classifier (default: the model's)",
+    "model.drop_path_rate": "timm models: stochastic depth, the chance a residual block is skipped in training, rising to this value in the last block (default: the model's)",
     "model.freeze_backbone": "train only the classifier head",
+    "model.ema": "keep an exponential moving average of the weights: validation, best/last checkpoints, evaluation and export use it",
+    "model.ema_decay": "model.ema: the average's decay per optimizer step (timm's default 0.9998; closer to 1 remembers longer)",
+    "model.ema_warmup": "model.ema: start with a low decay that rises towards model.ema_decay (timm's EMA warm-up), so short runs average recent weights",
+    "model.channels_last": "NHWC memory format for the network's weights and its inputs (often faster convolutions on GPUs, with mixed precision most)",
+    "model.grad_checkpointing": "timm models: recompute activations in the backward pass instead of storing them (less memory, slower steps)",
     "model.class_weights": "auto weights the loss by inverse class frequency (multilabel: each label's positives by negatives/positives in train)",
     "model.label_smoothing": "label smoothing of the cross-entropy loss",
     "model.hidden_sizes": "mlp only: widths of the hidden layers",
     "model.activation": "mlp only: activation between the hidden layers",
     "optim.name": "optimizer",
-    "optim.lr": "learning rate",
+    "optim.lr": "learning rate; auto: Lightning's learning-rate finder (1e-8 to 1, needs 20+ steps per epoch), kept in config.yaml",
     "optim.weight_decay": "weight decay",
     "optim.momentum": "momentum (sgd, rmsprop)",
     "scheduler.name": "learning-rate schedule (none keeps optim.lr)",
@@ -299,6 +348,7 @@ DOCS: dict[str, str] = {
     "trainer.devices": "devices per machine (an int, a list of ids or auto)",
     "trainer.strategy": "Lightning strategy, e.g. ddp for several devices",
     "trainer.num_nodes": "machines in a distributed run",
+    "trainer.ddp_timeout_s": "seconds a distributed run waits for a silent process before it fails (lower: stop sooner after a node is lost)",
     "trainer.sync_batchnorm": "synchronise batch-norm statistics across GPUs",
     "trainer.precision": "numeric precision (16-mixed / bf16-mixed: mixed precision)",
     "trainer.accumulate_grad_batches": "batches whose gradients add up to one optimizer step",
@@ -311,6 +361,10 @@ DOCS: dict[str, str] = {
     "trainer.limit_val_batches": "validation batches per epoch: a number, or a fraction in (0, 1]",
     "trainer.log_every_n_steps": "steps between logged training metrics",
     "trainer.progress_bar": "show a progress bar",
+    "trainer.compile": "torch.compile the network (needs a working compiler: a C++ compiler on CPU, Triton on GPU)",
+    "trainer.swa": "stochastic weight averaging of each epoch's final weights from trainer.swa_epoch_start on; validated and exported",
+    "trainer.swa_epoch_start": "trainer.swa: the first epoch averaged, an epoch number (1: the first) or a fraction of trainer.max_epochs (0.8: the last 20%)",
+    "trainer.swa_lr": "trainer.swa: the learning rate held from trainer.swa_epoch_start on (null: the schedule goes on)",
     "tracking.mlflow.uri": "MLflow tracking store (a sqlite:/// file, a folder or an http(s):// server)",
     "tracking.mlflow.artifact_location": "where MLflow keeps the run's files for a new experiment",
     "tracking.mlflow.parent_run_id": "nest this run under another MLflow run (hyper-parameter search)",
@@ -318,7 +372,8 @@ DOCS: dict[str, str] = {
     "tracking.wandb.mode": "online, offline or disabled (auto: online when WANDB_API_KEY is set)",
     "eval.top_k": "k values of the top-k accuracies reported",
     "eval.splits": "splits evaluated with the best checkpoint after training",
-    "eval.calibrate": "single-label image models: temperature fits temperature scaling on val, applied inside the exported ONNX graph",
+    "eval.calibrate": "fit calibration on val, applied inside the exported ONNX graph: temperature (multilabel: per label), platt (multilabel: scale and bias per label)",
     "eval.bootstrap": "resamples of the seeded 95% bootstrap intervals of test metrics (ci95 in metrics.json; 0: skip)",
-    "eval.threshold": "multilabel: how each label's threshold is chosen on val: max_f1, youden, sensitivity@0.95, specificity@0.95 or a probability",
+    "eval.threshold": "binary/multilabel decision threshold rule on val: max_f1, youden, sensitivity@X, specificity@X, a probability, auto",
+    "eval.positive_class": "binary models: the class eval.threshold decides for, the finding or defect (empty: the second class in class order)",
 }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -17,6 +18,55 @@ from pixelmill.data.transforms import eval_transform, train_transform
 if TYPE_CHECKING:
     from pixelmill.data.tabular import TabularData
     from pixelmill.data.tabular_preprocess import TabularPreprocessor
+
+
+MAX_AUTO_WORKERS = 8  # Ultralytics' default cap; more workers rarely feed one device faster
+
+
+def resolve_workers(value: int | str, processes: int = 1) -> int:
+    """``data.num_workers``: a number as it is; ``auto``: the CPU cores this process may use, shared
+    among the ``processes`` training processes of this machine, minus one for the training process
+    itself, at most 8 (Ultralytics divides the cores by the devices and caps at 8; timm's default is a fixed 4).
+    """
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # taskset / cgroup limits count
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(1, processes) - 1))
+
+
+def _local_processes(datamodule: L.LightningDataModule) -> int:
+    """Training processes on this machine (DDP: one per device) once Lightning has attached a Trainer, else 1."""
+    trainer = datamodule.trainer
+    return max(1, trainer.num_devices) if trainer is not None else 1
+
+
+def _seeded_order(datamodule: L.LightningDataModule, sampler: SeededSampler) -> SeededSampler:
+    """``sampler`` set to the epoch its loader starts in.
+
+    Lightning builds the training loader's iterator before it calls ``set_epoch``, and a resumed run
+    keeps that first iterator for its first epoch; a loader with workers reads the sampler's order
+    as it builds the iterator (to prefetch), so without this a run resumed at epoch N would replay
+    epoch 0's order. Lightning itself numbers the epoch by ``epoch_progress.current.processed``.
+    """
+    trainer = datamodule.trainer
+    if trainer is not None:
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+    return sampler
+
+
+class _BatchSize:
+    """``batch_size`` read from and written to ``data.batch_size``: the attribute Lightning's batch-size
+    finder (``Tuner.scale_batch_size``) looks for on a datamodule and sets before it builds the loaders again."""
+
+    cfg: Any
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.cfg.batch_size = value
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None, collate_fn=None) -> DataLoader:
@@ -34,7 +84,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=Non
     )
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(_BatchSize, L.LightningDataModule):
     """Train/val/test loaders for one scan; train order and augmentation are seeded."""
 
     def __init__(self, scan: ScanResult, prep: Preprocessing, data_cfg, seed: int):
@@ -53,7 +103,9 @@ class ImageDataModule(L.LightningDataModule):
         return ImageDataset(items, self.prep.channels, transform, cache)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, sampler=None) -> DataLoader:
-        return make_loader(dataset, batch_size, self.cfg.num_workers, sampler, collate_fn=collate)
+        if sampler is not None:
+            _seeded_order(self, sampler)
+        return make_loader(dataset, batch_size, resolve_workers(self.cfg.num_workers, _local_processes(self)), sampler, collate_fn=collate)
 
     def eval_loader(self, split: str) -> DataLoader:
         """Deterministic loader (no augmentation, file order) for any split."""
@@ -87,7 +139,7 @@ class TensorRows(Dataset):
         return self.x[index], self.y[index]
 
 
-class TabularDataModule(L.LightningDataModule):
+class TabularDataModule(_BatchSize, L.LightningDataModule):
     """Train/val/test loaders over CSV rows run through the run's fitted preprocessor; train order is seeded."""
 
     def __init__(self, data: TabularData, prep: TabularPreprocessor, data_cfg, seed: int):
@@ -104,12 +156,15 @@ class TabularDataModule(L.LightningDataModule):
 
     def eval_loader(self, split: str) -> DataLoader:
         """Deterministic loader (file order) for any split."""
-        return make_loader(self.dataset(split), self.cfg.eval_batch_size or self.cfg.batch_size, self.cfg.num_workers)
+        return make_loader(self.dataset(split), self.cfg.eval_batch_size or self.cfg.batch_size, self._workers())
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         sampler = SeededSampler(dataset.y.tolist(), self.seed, balanced=self.cfg.sampler == "balanced")
-        return make_loader(dataset, self.cfg.batch_size, self.cfg.num_workers, sampler)
+        return make_loader(dataset, self.cfg.batch_size, self._workers(), _seeded_order(self, sampler))
+
+    def _workers(self) -> int:
+        return resolve_workers(self.cfg.num_workers, _local_processes(self))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader("val")

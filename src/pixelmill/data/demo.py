@@ -3,6 +3,8 @@
 - ``digits``: the 1,797 8x8 handwritten digits as PNG class folders (split layout).
 - ``breast_cancer`` and ``wine``: tabular CSVs whose ``target`` column holds class names.
 - ``multidigits``: multi-label 64x64 RGB canvases of 0 to 3 of those digits, with a CSV manifest.
+- ``patches``: 64x64 noise with one small striped patch at a random, recorded position; the
+  stripes' direction is the class. Where a model looks can be checked against ``patches.csv``.
 """
 
 from __future__ import annotations
@@ -258,15 +260,53 @@ def _remove_stale_canvases(out: Path, written: set[Path]) -> None:
                     path.unlink()
 
 
+PATCH_CLASSES = ("horizontal", "vertical")  # the direction of the stripes in the patch
+PATCH_FILE = "patches.csv"  # path, label, split, top, left, size: where each image's evidence is
+
+
+def write_patches(out: str | Path, *, seed: int = 0, per_split: Mapping[str, int] | None = None, size: int = 64, patch: int = 12) -> dict[str, int]:
+    """Write the ``patches`` localisation set: ``OUT/<split>/<class>/NNNN.png`` and ``OUT/patches.csv``.
+
+    Each image is grey noise with one ``patch`` x ``patch`` square of stripes two pixels wide,
+    horizontal or vertical (the class), at a random position; nothing else tells the classes apart.
+    """
+    from PIL import Image
+
+    counts = dict(per_split or {"train": 400, "val": 100, "test": 100})
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    rows = []
+    stripes = (np.arange(patch) // 2 % 2 * 200 + 28).astype(np.uint8)  # 28, 28, 228, 228, ...
+    for split, n in counts.items():
+        for i in range(n):
+            label = PATCH_CLASSES[i % len(PATCH_CLASSES)]
+            pixels = np.clip(rng.normal(128, 35, size=(size, size)), 0, 255).astype(np.uint8)
+            top, left = (int(v) for v in rng.integers(0, size - patch + 1, size=2))
+            block = np.repeat(stripes[:, None], patch, axis=1) if label == "horizontal" else np.repeat(stripes[None, :], patch, axis=0)
+            pixels[top : top + patch, left : left + patch] = block
+            path = out / split / label / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).convert("RGB").save(path)
+            rows.append([path.relative_to(out).as_posix(), label, split, top, left, patch])
+    with open(out / PATCH_FILE, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split", "top", "left", "size"])
+        writer.writerows(rows)
+    logger.info("wrote patches to '%s': %s", out, counts)
+    return counts
+
+
 # name -> writer(out, *, seed) -> rows/images per split; a CLI dispatches on the name.
 DEMO_DATASETS: dict[str, Callable[..., dict[str, int]]] = {
     "digits": write_digits,
     "breast_cancer": functools.partial(write_tabular, "breast_cancer"),
     "wine": functools.partial(write_tabular, "wine"),
     "multidigits": write_multidigits,
+    "patches": write_patches,
 }
 
 # name -> the command to run next on a written dataset; ``{out}`` is its output folder.
 DEMO_NEXT_STEPS: dict[str, str] = {
     "multidigits": "pixelmill train data.kind=multilabel data.path={out}/manifest.csv",
+    "patches": "pixelmill train data.path={out} data.image_size=64 trainer.max_epochs=8, then pixelmill explain RUN_DIR {out}/test",
 }

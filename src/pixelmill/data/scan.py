@@ -8,7 +8,9 @@ Three layouts (``layout="auto"`` picks one):
 - ``csv``:   a manifest with header ``path,label`` (optional ``split``); paths are relative
   to the manifest's folder or absolute.
 
-Every image is opened and decoded once (thread pool). Bad files never raise: they are
+Every image is opened and decoded once (thread pool), unless the scan cache
+(``data.scan_cache``, ``scan_cache.py``) knows the answer for the file as it is now: a re-run
+over an unchanged folder verifies only new or changed files. Bad files never raise: they are
 skipped, counted by reason (``BadFile.reason``) and logged in one warning line.
 """
 
@@ -28,13 +30,16 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
+import PIL
 from PIL import Image, UnidentifiedImageError
 
 from pixelmill.data.choices import LAYOUTS
 from pixelmill.data.files import IMAGE_EXTENSIONS
+from pixelmill.data.scan_cache import cached_checks
 from pixelmill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ _SPLIT_OF = {name: split for split, names in _SPLIT_NAMES.items() for name in na
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Signatures of formats we accept: a file that starts like an image but fails to open is "corrupt".
 _IMAGE_MAGIC = (_PNG_SIGNATURE, b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+# Bump when _verify decides differently: the scan cache's answers from before then count as unknown.
+_CHECKS_VERSION = 1
 _LAYOUT_HINT = {
     "flat": "one sub-folder per class holding image files",
     "split": "train/<class>/ sub-folders holding image files",
@@ -131,6 +138,27 @@ class ScanResult:
         ]
         return ["path", "split", "label", *(["group"] if group else [])], rows
 
+    def write_with_splits(self, folder: Path, split_of: Mapping[str, str], group_column: str | None = None) -> dict[str, str]:
+        """Write these files, labels and groups re-split (``split_of[path]``: train, val or test) as ``folder/manifest.csv``.
+
+        Returns the config values that make the same task read exactly that (cross-validation folds).
+        """
+        header, _ = self.split_table()  # the label column: label, or labels for several per image
+        rows = [
+            [path, split_of[path], self.label_text(label), *([self.groups[path]] if group_column else [])]
+            for items in self.splits.values()
+            for path, label in items
+        ]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "split", header[2], *([group_column] if group_column else [])])
+        writer.writerows(rows)
+        manifest = Path(folder) / "manifest.csv"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
+        # label_text joins the labels of a multi-label image with '|'.
+        return {"data.path": str(manifest.resolve()), "data.layout": "csv", "data.label_separator": "|"}
+
 
 class _Found(NamedTuple):
     path: str
@@ -149,11 +177,13 @@ def scan_images(
     max_pixels: int = 89_478_485,
     workers: int = 4,
     group_column: str | None = None,
+    cache: bool = True,
 ) -> ScanResult:
     """Find, verify and split the images under ``path`` (a folder or a CSV manifest).
 
     ``group_column`` names a manifest column (patient, lesion, part): automatic splits keep each
-    group in one split, and user-given splits may not share a group.
+    group in one split, and user-given splits may not share a group. ``cache`` (``data.scan_cache``):
+    reuse what earlier scans learnt about files unchanged since (``verify_files``).
 
     Raises ``DataError`` (one line, says what to do) when the data cannot be used at all;
     single bad files are skipped and reported in ``ScanResult.bad``.
@@ -178,7 +208,7 @@ def scan_images(
             "add one sub-folder (or label) per class"
         )
 
-    checks = verify_files([f.path for f in found], max_pixels, workers)
+    checks = verify_files([f.path for f in found], max_pixels, workers, cache=cache)
     good = [(f, digest) for f, (reason, digest) in zip(found, checks) if reason is None]
     bad = [BadFile(f.path, reason) for f, (reason, _) in zip(found, checks) if reason is not None]
     _check_classes(classes, [f for f, _ in good], bad, by_split=any(f.split for f in found))
@@ -402,8 +432,25 @@ def _list_images(folder: str) -> list[str]:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_files(paths: list[str], max_pixels: int = 89_478_485, workers: int = 4) -> list[tuple[str | None, str | None]]:
-    """(reason or None, sha256 hex or None) per path, in the order given: every file read, hashed and decoded once."""
+def verify_files(paths: list[str], max_pixels: int = 89_478_485, workers: int = 4, cache: bool = True) -> list[tuple[str | None, str | None]]:
+    """(reason or None, sha256 hex or None) per path, in the order given: every file read, hashed and decoded once.
+
+    With ``cache``, files whose size, mtime, ctime and inode match what the scan cache stored for
+    them keep their stored answer and are not read (``scan_cache.py``). Logs how many were verified.
+    """
+    verify = partial(_verify_all, max_pixels=max_pixels, workers=workers)
+    if not cache:
+        logger.info("verified %d image files (scan cache off)", len(paths))
+        return verify(list(paths))
+    context = f"checks {_CHECKS_VERSION}, Pillow {PIL.__version__}, max_pixels {max_pixels}"
+    checks, verified = cached_checks(paths, context, verify)
+    logger.info("verified %d of %d image files (%d from the scan cache)", verified, len(paths), len(paths) - verified)
+    return checks
+
+
+def _verify_all(paths: list[str], max_pixels: int, workers: int) -> list[tuple[str | None, str | None]]:
+    if not paths:
+        return []
     Image.init()  # import every format plugin once, here, rather than racing in the threads
     with warnings.catch_warnings():
         # Our own max_pixels check reports big images; PIL's warning would only add noise.
@@ -709,6 +756,11 @@ def fingerprint(good: Sequence[tuple[str, str, str]], root: str) -> str:
 
 
 def _relative(path: str, root: str) -> str:
+    inside = root if root.endswith(os.sep) else root + os.sep
+    if path.startswith(inside) and os.path.normpath(path) == path and os.path.isabs(root):
+        # What relpath answers for a normalised path under root (the scan's own paths), 10x faster:
+        # relpath took half the time of a scan whose files all came from the scan cache.
+        return path[len(inside) :].replace(os.sep, "/")
     try:
         return os.path.relpath(path, root).replace(os.sep, "/")
     except ValueError:  # another drive on Windows

@@ -30,7 +30,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -310,6 +310,31 @@ class TabularData:
     def split_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of ``splits.csv``: where every row of the run went (``file.csv:LINE``), and its class."""
         return ["row", "split", "label"], [[row, split, self.classes[y]] for split, items in self.splits.items() for row, y in items]
+
+    def write_with_splits(self, folder: Path, split_of: Mapping[str, str], group_column: str | None = None) -> dict[str, str]:
+        """Write these rows re-split (``split_of[row id]``: train, val or test) as ``folder/{train,val,test}.csv``.
+
+        The cells are the source files' text; the columns those of the schema (target, features, ignored).
+        Returns the config values that make the same task read exactly that (cross-validation folds).
+        """
+        root = Path(self.root)
+        tables: dict[str, tuple[RawTable, dict[int, int]]] = {}  # file name -> (table, file line -> position)
+        picked: dict[str, dict[str, list[int]]] = {}  # split -> file name -> positions in that file
+        for items in self.splits.values():
+            for row_id, _ in items:
+                name, _, line = row_id.rpartition(":")
+                if name not in tables:
+                    table = read_csv(root if self.layout == "csv file" else root / name)
+                    tables[name] = (table, {int(at): i for i, at in enumerate(table.lines)})
+                picked.setdefault(split_of[row_id], {}).setdefault(name, []).append(tables[name][1][int(line)])
+        keep = {self.schema.target, *self.schema.columns, *self.schema.ignored}
+        columns = [c for c in next(iter(tables.values()))[0].frame.columns if c in keep]
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, by_file in picked.items():
+            rows = pd.concat([tables[name][0].frame.iloc[positions] for name, positions in by_file.items()])
+            rows[columns].to_csv(folder / f"{split}.csv", index=False, na_rep="")
+        return {"data.path": str(folder.resolve())}
 
     def to_summary(self) -> dict[str, Any]:
         """JSON-ready summary for summary.json (the report's Data and Features sections)."""

@@ -158,11 +158,29 @@ def train_transform(prep: Preprocessing, augment) -> Callable[[Pixels], torch.Te
         steps.append(v2.RandomVerticalFlip())
     if augment.rotation > 0:
         steps.append(v2.RandomRotation(augment.rotation, interpolation=interpolation))
+    if augment.translate > 0 or augment.zoom > 0 or augment.shear > 0:
+        steps.append(
+            v2.RandomAffine(
+                degrees=0,
+                translate=(augment.translate, augment.translate) if augment.translate > 0 else None,
+                scale=(1.0 - augment.zoom, 1.0 + augment.zoom) if augment.zoom > 0 else None,
+                shear=augment.shear or None,
+                interpolation=interpolation,
+            )
+        )
     if augment.color_jitter > 0:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if prep.channels == 3 else 0))
+    if augment.blur > 0:
+        kernel = max(3, prep.size // 10) | 1  # a tenth of the side, odd (SimCLR's rule), sigma as torchvision's reference
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=augment.blur))
     if augment.auto_augment != "none":
         steps.append(_AUTO_AUGMENT[augment.auto_augment]())
+    if augment.random_erasing > 0:
+        # Erasing runs on the uint8 pixels, before normalisation: the mean colour here is the 0 that
+        # timm and torchvision's reference erase to after it. v2.RandomErasing skips PIL images.
+        mean = [round(m * 255) for m in prep.mean]
+        steps += [v2.PILToTensor(), v2.RandomErasing(p=augment.random_erasing, value=mean)]
     # Without a random crop the geometry is evaluation's: resize_and_crop gives the pixels of
     # v2 Resize + CenterCrop (tests/data/test_images.py) without their per-image dispatch.
     return TrainTransform(prep, steps, crop_first=not augment.random_resized_crop)

@@ -58,13 +58,18 @@ def weighted_ap(w: np.ndarray, positive: np.ndarray, scores: np.ndarray) -> np.n
     return _ratio((pos * np.nan_to_num(precision)).sum(axis=1), total)
 
 
-def single_label_statistics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Metric name -> f(W) -> (B,) for a single-label evaluation (predicted class: the argmax)."""
+def single_label_statistics(
+    y_true: np.ndarray, probs: np.ndarray, decision: tuple[int, float] | None = None
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Metric name -> f(W) -> (B,) for a single-label evaluation (predicted class: the argmax, or a
+    binary model's ``decision`` (positive index, threshold); its sensitivity and specificity are of that positive class)."""
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     n_classes = p.shape[1]
     truth = np.eye(n_classes)[y]  # (N, C)
-    predicted = np.eye(n_classes)[p.argmax(axis=1)]
+    pos = decision[0] if decision else 1
+    chosen = p.argmax(axis=1) if decision is None else np.where(p[:, pos] >= decision[1], pos, 1 - pos)
+    predicted = np.eye(n_classes)[chosen]
 
     def per_class(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return w @ (truth * predicted), w @ truth, w @ predicted  # tp, support, predicted counts (B, C)
@@ -81,7 +86,7 @@ def single_label_statistics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, 
 
     def auc_macro(w: np.ndarray) -> np.ndarray:
         if n_classes == 2:
-            return weighted_auc(w, truth[:, 1], p[:, 1])
+            return weighted_auc(w, truth[:, pos], p[:, pos])
         return np.mean([weighted_auc(w, truth[:, c], p[:, c]) for c in range(n_classes)], axis=0)
 
     stats = {
@@ -90,9 +95,9 @@ def single_label_statistics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, 
         "f1_macro": f1_macro,
         "auc_macro": auc_macro,
     }
-    if n_classes == 2:  # the second class is the positive one (the finding, the defect)
-        stats["sensitivity"] = lambda w: _ratio(*[m[:, 1] for m in per_class(w)[:2]])
-        stats["specificity"] = lambda w: _ratio(*[m[:, 0] for m in per_class(w)[:2]])
+    if n_classes == 2:  # the positive class: the finding, the defect (the second class unless the decision names it)
+        stats["sensitivity"] = lambda w: _ratio(*[m[:, pos] for m in per_class(w)[:2]])
+        stats["specificity"] = lambda w: _ratio(*[m[:, 1 - pos] for m in per_class(w)[:2]])
     return stats
 
 

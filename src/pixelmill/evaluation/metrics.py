@@ -46,6 +46,7 @@ ROC_FILE = "roc.png"
 PR_FILE = "pr.png"
 MISCLASSIFIED_FILE = "misclassified.png"
 RELIABILITY_FILE = "reliability.png"
+EXPLAINED_FILE = "explained.png"  # Grad-CAM heatmaps of mistakes and correct predictions (explain/gallery.py)
 
 
 def _check_inputs(
@@ -107,21 +108,53 @@ def _per_class_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
     return aucs
 
 
+Decision = tuple[int, float]  # a binary model's operating point: (positive class index, threshold on its probability)
+
+
+def decide(probs: np.ndarray, decision: Decision | None) -> np.ndarray:
+    """Predicted class per row: the argmax, or for a binary ``decision`` the positive class where its probability reaches the threshold."""
+    if decision is None:
+        return probs.argmax(axis=1)
+    pos, threshold = decision
+    return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+
+
+def operating_point(y_true: np.ndarray, probs: np.ndarray, pos: int, threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity, PPV and NPV (and the counts) of deciding class ``pos`` where ``probs[:, pos] >= threshold``."""
+    truth = np.asarray(y_true) == pos
+    decided = np.asarray(probs)[:, pos] >= threshold
+    tp, fp = int((truth & decided).sum()), int((~truth & decided).sum())
+    fn, tn = int((truth & ~decided).sum()), int((~truth & ~decided).sum())
+
+    def ratio(num: int, den: int) -> float | None:
+        return num / den if den else None
+
+    return {
+        "threshold": float(threshold),
+        "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }
+
+
 def compute_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
     class_names: list[str],
     top_k: Sequence[int] = (1, 5),
+    decision: Decision | None = None,
 ) -> dict:
     """Metrics of predicted probabilities ``probs`` (N, C) against integer labels ``y_true`` (N,).
 
     Returns accuracy, balanced accuracy, macro/weighted precision/recall/F1, one-vs-rest
     ``auc_macro`` (over classes present in ``y_true``; None if none qualifies), log loss,
     ECE (15 bins), ``top{k}_acc`` for each k < C, ``n``, ``per_class`` and ``confusion_matrix``.
+    A binary ``decision`` (positive index, threshold) decides the predicted class instead of the
+    argmax and adds ``sensitivity``, ``specificity``, ``ppv``, ``npv`` and ``operating_point``.
     """
     y, p = _check_inputs(y_true, probs, class_names)
     labels = list(range(len(class_names)))
-    y_pred = p.argmax(axis=1)
+    y_pred = decide(p, decision)
 
     with warnings.catch_warnings():
         # balanced accuracy averages recall over the classes present in y_true only (by design)
@@ -147,7 +180,12 @@ def compute_metrics(
         if 1 <= k < len(class_names):
             metrics[f"top{k}_acc"] = top_k_accuracy_score(y, scores, k=k, labels=labels)
     metrics["n"] = int(y.shape[0])
+    point = operating_point(y, p, *decision) if decision is not None else None
+    if point is not None:
+        metrics |= {k: point[k] for k in ("sensitivity", "specificity", "ppv", "npv", "threshold")}
     metrics = {key: _clean(value) for key, value in metrics.items()}
+    if point is not None:
+        metrics["operating_point"] = {"positive": class_names[decision[0]], **point}
 
     precision, recall, f1, support = precision_recall_fscore_support(
         y, y_pred, labels=labels, average=None, zero_division=0
@@ -166,12 +204,12 @@ def compute_metrics(
     return metrics
 
 
-def classification_report_text(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> str:
+def classification_report_text(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], decision: Decision | None = None) -> str:
     """scikit-learn's text classification report over all classes (zero_division=0)."""
     y, p = _check_inputs(y_true, probs, class_names)
     return classification_report(
         y,
-        p.argmax(axis=1),
+        decide(p, decision),
         labels=list(range(len(class_names))),
         target_names=[str(name) for name in class_names],
         zero_division=0,
@@ -180,10 +218,10 @@ def classification_report_text(y_true: np.ndarray, probs: np.ndarray, class_name
 
 
 def _write_predictions(
-    path: Path, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], sample_ids: list[str]
+    path: Path, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], sample_ids: list[str], decision: Decision | None = None
 ) -> Path:
     """predictions.csv: path, true, predicted, confidence, p_<class>... (one row per sample)."""
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, decision)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "true", "predicted", "confidence", *[f"p_{c}" for c in class_names]])
@@ -206,12 +244,15 @@ def write_evaluation(
     seed: int = 0,
     uncalibrated: np.ndarray | None = None,
     temperature: float = 1.0,
+    decision: Decision | None = None,
 ) -> dict:
     """Write metrics.json, classification_report.txt, predictions.csv and plots into ``out_dir``.
 
     ``bootstrap`` resamples (seeded by ``seed``) add 95% intervals as ``ci95`` (``evaluation/bootstrap.py``).
     ``uncalibrated``: the probabilities before temperature scaling by ``temperature`` (``probs`` are
     after it); adds ``calibration`` (ECE before and after) and reliability.png.
+    ``decision``: a binary model's (positive index, threshold); its decisions replace the argmax
+    everywhere and the ROC plot marks the point.
     Plots: confusion_matrix.png, confusion_matrix_normalized.png, roc.png, pr.png, and
     misclassified.png when ``images`` (sample id -> PIL image) is given and there are mistakes.
     Returns the metrics dict (as in ``compute_metrics``).
@@ -224,11 +265,11 @@ def write_evaluation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    metrics = compute_metrics(y, p, class_names, top_k=top_k)
+    metrics = compute_metrics(y, p, class_names, top_k=top_k, decision=decision)
     if bootstrap > 0:
         from pixelmill.evaluation.bootstrap import confidence_intervals, single_label_statistics
 
-        metrics["ci95"] = confidence_intervals(single_label_statistics(y, p), len(y), bootstrap, seed)
+        metrics["ci95"] = confidence_intervals(single_label_statistics(y, p, decision), len(y), bootstrap, seed)
         metrics["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed), "level": 0.95}
     (out_dir / RELIABILITY_FILE).unlink(missing_ok=True)
     if uncalibrated is not None:
@@ -237,18 +278,18 @@ def write_evaluation(
         metrics["ece_uncalibrated"] = metrics["calibration"]["ece_before"]  # a row of the report's table, beside ece
         plots.plot_reliability(y, before, p, out_dir / RELIABILITY_FILE)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
-    (out_dir / REPORT_FILE).write_text(classification_report_text(y, p, class_names), encoding="utf-8")
-    _write_predictions(out_dir / PREDICTIONS_FILE, y, p, class_names, sample_ids)
+    (out_dir / REPORT_FILE).write_text(classification_report_text(y, p, class_names, decision), encoding="utf-8")
+    _write_predictions(out_dir / PREDICTIONS_FILE, y, p, class_names, sample_ids, decision)
 
     cm = np.asarray(metrics["confusion_matrix"])
     plots.plot_confusion_matrix(cm, class_names, out_dir / CONFUSION_FILE, normalize=False)
     plots.plot_confusion_matrix(cm, class_names, out_dir / CONFUSION_NORM_FILE, normalize=True)
-    plots.plot_roc_curves(y, p, class_names, out_dir / ROC_FILE)
+    plots.plot_roc_curves(y, p, class_names, out_dir / ROC_FILE, operating_points=dict([decision]) if decision else None)
     plots.plot_pr_curves(y, p, class_names, out_dir / PR_FILE)
     # A gallery left over from an earlier evaluation in the same directory would be wrong now.
     (out_dir / MISCLASSIFIED_FILE).unlink(missing_ok=True)
     if images is not None:
-        plots.plot_misclassified(sample_ids, y, p, class_names, images, out_dir / MISCLASSIFIED_FILE)
+        plots.plot_misclassified(sample_ids, y, p, class_names, images, out_dir / MISCLASSIFIED_FILE, predicted=decide(p, decision))
     log.info(
         "Evaluation of %d samples written to %s (accuracy %.4f)", metrics["n"], out_dir, metrics["accuracy"]
     )

@@ -49,7 +49,9 @@ ROC_PLOT = f"{PLOTS_DIR}/roc.png"
 PR_PLOT = f"{PLOTS_DIR}/pr.png"
 CONFUSION_PLOT = f"{PLOTS_DIR}/label_confusion.png"
 COOCCURRENCE_PLOT = f"{PLOTS_DIR}/label_cooccurrence.png"
+RELIABILITY_PLOT = f"{PLOTS_DIR}/reliability.png"
 PLOT_TITLES = {
+    RELIABILITY_PLOT: "Reliability diagram, every label's probabilities (eval.calibrate)",
     ROC_PLOT: "ROC curves per label",
     PR_PLOT: "Precision-recall curves per label",
     CONFUSION_PLOT: "TP / FP / FN / TN per label",
@@ -93,6 +95,15 @@ def _check_all(y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, la
     if not np.isfinite(t).all():
         raise ValueError("thresholds must be finite numbers")
     return y, p, t
+
+
+def label_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """ECE over every (image, label) probability: sample-weighted mean |share of positives - mean probability| per bin."""
+    y, p = np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    bins = np.clip(np.ceil(p * n_bins).astype(np.int64) - 1, 0, n_bins - 1)  # bin i: (i/n, (i+1)/n]; 0 joins the first
+    weight = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, y, n_bins) - np.bincount(bins, p, n_bins))  # per bin: |sum(y) - sum(p)|
+    return float(gap.sum() / max(weight.sum(), 1))
 
 
 def _predict(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -255,12 +266,16 @@ def write_multilabel_evaluation(
     paths: list[str],
     bootstrap: int = 0,
     seed: int = 0,
+    uncalibrated: np.ndarray | None = None,
+    calibration: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Write ``out_dir/metrics.json``, ``out_dir/predictions.csv`` and ``out_dir/plots/*.png``; return the metrics.
 
-    The metrics are those of :func:`multilabel_metrics` plus ``plots``: the PNG files written,
-    relative to ``out_dir`` (ROC and PR curves per label, TP/FP/FN/TN per label, co-occurrence),
-    and with ``bootstrap`` resamples (seeded by ``seed``) 95% intervals as ``ci95``.
+    The metrics are those of :func:`multilabel_metrics` plus ``ece`` (every (image, label)
+    probability, 15 bins) and ``plots``: the PNG files written, relative to ``out_dir`` (ROC and
+    PR curves per label, TP/FP/FN/TN per label, co-occurrence), and with ``bootstrap`` resamples
+    (seeded by ``seed``) 95% intervals as ``ci95``. ``uncalibrated``: the probabilities before the
+    per-label ``calibration`` (scale, bias) (``probs`` are after it); adds ``calibration`` and a reliability diagram.
     """
     from pixelmill.evaluation import plots  # matplotlib: only when plots are written
 
@@ -272,6 +287,15 @@ def write_multilabel_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     metrics = multilabel_metrics(y, p, t, names)
+    metrics["ece"] = label_calibration_error(y, p)
+    if uncalibrated is not None and calibration is not None:
+        before = np.asarray(uncalibrated, dtype=np.float64)
+        metrics["ece_uncalibrated"] = label_calibration_error(y, before)
+        metrics["calibration"] = {
+            "scale": {name: float(v) for name, v in zip(names, calibration[0])},
+            "bias": {name: float(v) for name, v in zip(names, calibration[1])},
+            "ece_before": metrics["ece_uncalibrated"], "ece_after": metrics["ece"],
+        }
     if bootstrap > 0:
         from pixelmill.evaluation.bootstrap import confidence_intervals, multilabel_statistics
 
@@ -280,11 +304,16 @@ def write_multilabel_evaluation(
     y_pred = _predict(p, t)
     _write_predictions(out_dir / PREDICTIONS_FILE, y, p, y_pred, names, [str(s) for s in paths])
 
-    plots.plot_roc_curves(y, p, names, out_dir / ROC_PLOT, title="ROC curves per label (AUC)")
+    marked = {j: float(t[j]) for j in range(len(names))}  # each label's operating point on its curve
+    plots.plot_roc_curves(y, p, names, out_dir / ROC_PLOT, title="ROC curves per label (AUC)", operating_points=marked)
     plots.plot_pr_curves(y, p, names, out_dir / PR_PLOT, title="Precision-recall curves per label")
     plot_label_confusion(metrics["per_label"], out_dir / CONFUSION_PLOT)
     plot_cooccurrence(y, names, out_dir / COOCCURRENCE_PLOT)
     metrics["plots"] = [ROC_PLOT, PR_PLOT, CONFUSION_PLOT, COOCCURRENCE_PLOT]
+    (out_dir / RELIABILITY_PLOT).unlink(missing_ok=True)
+    if "calibration" in metrics:
+        plots.plot_reliability(y, before, p, out_dir / RELIABILITY_PLOT, multilabel=True)
+        metrics["plots"].append(RELIABILITY_PLOT)
 
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
     log.info(

@@ -146,10 +146,18 @@ def _curve_axes(n_classes: int) -> tuple[Figure, Axes]:
 
 
 def plot_roc_curves(
-    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "ROC curves, one-vs-rest (AUC)"
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    title: str = "ROC curves, one-vs-rest (AUC)",
+    operating_points: dict[int, float] | None = None,
 ) -> Path:
     """ROC curve per class (one-vs-rest; for (N, C) multi-label targets per label) with both
-    positives and negatives, AUC in the legend, plus the macro average."""
+    positives and negatives, AUC in the legend, plus the macro average.
+
+    ``operating_points`` {class index: threshold} marks where each decision threshold sits on its curve.
+    """
     y = _indicator(y_true, len(class_names))
     probs = np.asarray(probs, dtype=np.float64)
     present = _present(y)
@@ -162,6 +170,12 @@ def plot_roc_curves(
         score = roc_auc_score(y[:, c], probs[:, c])
         tprs.append(np.interp(fpr_grid, fpr, tpr))
         ax.plot(fpr, tpr, color=colors[c], lw=1.3, alpha=0.85, label=f"{_short(class_names[c])} ({score:.3f})")
+        if operating_points and c in operating_points:
+            t = operating_points[c]
+            decided = probs[:, c] >= t
+            sens, fpr_at = decided[y[:, c] == 1].mean(), decided[y[:, c] == 0].mean()
+            ax.plot([fpr_at], [sens], marker="o", ms=8, mfc="none", mew=2, color=colors[c], ls="none",
+                    label=f"t={t:.3g}: sens {sens:.2f}, spec {1 - fpr_at:.2f}")
     if tprs:
         mean_tpr = np.mean(tprs, axis=0)
         mean_tpr[0] = 0.0
@@ -176,7 +190,7 @@ def plot_roc_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if tprs:
-        _legend(ax, len(present) + 1, "lower right")
+        _legend(ax, len(present) + 1 + len(operating_points or {}), "lower right")
     return _save(fig, path)
 
 
@@ -210,22 +224,31 @@ def plot_pr_curves(
     return _save(fig, path)
 
 
-def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, n_bins: int = 15) -> Path:
-    """Reliability diagram: accuracy against confidence per equal-width bin, before and after calibration."""
+def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, n_bins: int = 15, multilabel: bool = False) -> Path:
+    """Reliability diagram: accuracy against confidence per equal-width bin, before and after calibration.
+
+    ``multilabel``: (N, L) 0/1 targets; every (image, label) probability against the share of positives.
+    """
     y = np.asarray(y_true, dtype=np.int64)
     fig, axes = _figure(6.0, 5.5)
     ax = axes[0, 0]
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
     for probs, name, color in ((before, "before", "#d62728"), (after, "after temperature scaling", "#1f77b4")):
-        confidence = probs.max(axis=1)
-        correct = probs.argmax(axis=1) == y
+        probs = np.asarray(probs, dtype=np.float64)
+        if multilabel:
+            confidence, correct = probs.ravel(), y.ravel().astype(bool)
+        else:
+            confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
         bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
         used = np.unique(bins)
         ax.plot(
             [confidence[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used],
             marker="o", lw=1.5, color=color, label=name,
         )
-    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Confidence", ylabel="Accuracy")
+    if multilabel:
+        ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Predicted probability", ylabel="Share of positives")
+    else:
+        ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="Confidence", ylabel="Accuracy")
     ax.set_title("Reliability diagram")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
@@ -316,12 +339,16 @@ def plot_misclassified(
     load_image: Callable[[str], Image.Image],
     path: Path,
     n: int = 16,
+    predicted: np.ndarray | None = None,
 ) -> Path | None:
-    """Grid of the ``n`` most confidently wrong predictions; None when there are no mistakes."""
+    """Grid of the ``n`` most confidently wrong predictions; None when there are no mistakes.
+
+    ``predicted``: the decided classes when they are not the argmax (a binary model's threshold).
+    """
     y = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
+    pred = probs.argmax(axis=1) if predicted is None else np.asarray(predicted)
+    confidence = probs[np.arange(len(pred)), pred]
     wrong = np.flatnonzero(pred != y)
     if wrong.size == 0 or n < 1:
         return None
@@ -340,4 +367,23 @@ def plot_misclassified(
             ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=8)
         ax.set_title(_caption(class_names[y[i]], class_names[pred[i]], confidence[i]), fontsize=8, color="#b00020")
     fig.suptitle(f"Most confident mistakes ({chosen.size} of {wrong.size} misclassified)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_explained(entries: list[tuple[Image.Image, np.ndarray, str, bool]], path: Path, title: str) -> Path:
+    """Each entry (model input, (H, W) heatmap in [0, 1], caption, wrong) as the image beside its heatmap overlay."""
+    from pixelmill.explain.heatmaps import overlay
+
+    ncols = 4  # two (image, heatmap) pairs per row
+    nrows = max(1, math.ceil(len(entries) / 2))
+    fig, axes = _figure(2.2 * ncols, 2.5 * nrows + 0.4, nrows=nrows, ncols=ncols)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, (image, heatmap, caption, wrong) in enumerate(entries):
+        row, col = divmod(k, 2)
+        _show_image(axes[row, 2 * col], image)
+        axes[row, 2 * col + 1].imshow(np.asarray(overlay(image, heatmap)))
+        axes[row, 2 * col].set_title(caption, fontsize=7, color="#b00020" if wrong else "#1b5e20")
+        axes[row, 2 * col + 1].set_title("where it looked", fontsize=7)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -20,6 +20,7 @@ from pixelmill.errors import RunError
 from pixelmill.evaluation.metrics import (
     CONFUSION_FILE,
     CONFUSION_NORM_FILE,
+    EXPLAINED_FILE,
     METRICS_FILE,
     MISCLASSIFIED_FILE,
     PR_FILE,
@@ -38,7 +39,10 @@ TRAINING_PLOT = Path("plots") / "training_curves.png"
 MAX_SKIPPED_LISTED = 50
 SPLIT_ORDER = ("train", "val", "test")
 # Row order of the metrics table; keys not listed here (e.g. top3_acc) follow in file order.
-METRIC_ORDER = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "auc_macro", "log_loss", "ece")
+METRIC_ORDER = (
+    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted",
+    "auc_macro", "sensitivity", "specificity", "ppv", "npv", "threshold", "log_loss", "ece",
+)
 # The same for multi-label splits: the headline rows first.
 MULTILABEL_METRIC_ORDER = ("map", "auc_macro", "f1_micro", "f1_macro", "subset_accuracy", "hamming_loss", "precision_micro", "recall_micro", "precision_macro", "recall_macro")
 SPLIT_PLOTS = (
@@ -47,6 +51,7 @@ SPLIT_PLOTS = (
     (ROC_FILE, "ROC curves"),
     (PR_FILE, "Precision-recall curves"),
     (RELIABILITY_FILE, "Reliability diagram (eval.calibrate)"),
+    (EXPLAINED_FILE, "Where the model looked: the most confident mistakes and a sample of correct predictions"),
 )
 
 

@@ -6,7 +6,9 @@ A rule states how the operating point is chosen on the validation split:
 - ``youden``: the one maximising sensitivity + specificity - 1 (Youden's J);
 - ``sensitivity@0.95`` / ``specificity@0.95``: the most specific (sensitive) threshold whose
   sensitivity (specificity) on validation reaches the target;
-- a probability such as ``0.5``: that threshold.
+- a probability such as ``0.5``: that threshold;
+- ``auto`` (the default): ``max_f1`` for multi-label models; ``0.5`` for binary ones, which is
+  the plain argmax decision, so a binary model decides as it always did unless a rule is stated.
 
 A target of ``x`` is only meaningful with at least ``1 / (1 - x)`` validation samples of the
 class it is measured on (100 positives for sensitivity@0.99): with fewer, one sample decides
@@ -21,16 +23,16 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:  # NumPy loads when a rule is applied, not when the config parses it
     import numpy as np
 
-RULE_HELP = "max_f1, youden, sensitivity@0.95, specificity@0.95 (any target in (0, 1)) or a probability such as 0.5"
+RULE_HELP = "auto, max_f1, youden, sensitivity@0.95, specificity@0.95 (any target in (0, 1)) or a probability such as 0.5"
 
 
 def parse_rule(text: object) -> tuple[str, float | None]:
-    """``(kind, value)``: ("max_f1", None), ("youden", None), ("sensitivity", 0.95), ("specificity", 0.9) or ("fixed", 0.5).
+    """``(kind, value)``: ("auto", None), ("max_f1", None), ("youden", None), ("sensitivity", 0.95), ("specificity", 0.9) or ("fixed", 0.5).
 
     ValueError with the accepted forms otherwise.
     """
     rule = str(text).strip().lower()
-    if rule in ("max_f1", "youden"):
+    if rule in ("auto", "max_f1", "youden"):
         return rule, None
     kind, _, target = rule.partition("@")
     if kind in ("sensitivity", "specificity"):
@@ -42,6 +44,12 @@ def parse_rule(text: object) -> tuple[str, float | None]:
         if value is not None:
             return "fixed", value
     raise ValueError(f"threshold rule '{text}' is not one of: {RULE_HELP}")
+
+
+def resolve(text: object, default: str) -> str:
+    """The rule to apply: ``text`` itself, or the task's ``default`` when it is ``auto``."""
+    rule = str(text).strip().lower()
+    return default if rule == "auto" else rule
 
 
 def _probability(text: str) -> float | None:
@@ -57,17 +65,17 @@ def needed(target: float) -> int:
     return math.ceil(1.0 / (1.0 - target) - 1e-9)
 
 
-def check_feasible(rule: str, targets: np.ndarray, labels: Sequence[str]) -> None:
+def check_feasible(rule: str, targets: np.ndarray, labels: Sequence[str], noun: str = "images") -> None:
     """ValueError naming the first label whose validation samples cannot support ``rule`` ((N, L) 0/1 targets)."""
     kind, value = parse_rule(rule)
     if kind not in ("sensitivity", "specificity"):
         return
     counts = targets.sum(axis=0) if kind == "sensitivity" else (1 - targets).sum(axis=0)
-    noun = "positive" if kind == "sensitivity" else "negative"
+    kind_noun = "positive" if kind == "sensitivity" else "negative"
     for name, count in zip(labels, counts):
         if count < needed(value):
             raise ValueError(
-                f"eval.threshold={rule} needs at least {needed(value)} {noun} validation images of '{name}' "
+                f"eval.threshold={rule} needs at least {needed(value)} {kind_noun} validation {noun} of '{name}' "
                 f"(it has {int(count)}); lower the target or add validation data"
             )
 

@@ -60,6 +60,8 @@ class BundleMeta(BaseModel):
     created_at: Optional[str] = None
     export: dict[str, Any] = {}
     thresholds: Optional[dict[str, float]] = None  # multi-label: label -> decision threshold
+    threshold: Optional[float] = None  # binary: decide positive_class where its probability reaches it
+    positive_class: Optional[str] = None
     files: dict[str, str] = {}
 
     @property

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 
 def default_out(run_dir: Path, fmt: str, quantize: str | None) -> Path:
-    """RUN_DIR/bundle for float ONNX; RUN_DIR/bundle-int8 and RUN_DIR/bundle-torchscript otherwise."""
-    suffix = "-int8" if quantize else ("" if fmt == "onnx" else f"-{fmt}")
+    """RUN_DIR/bundle for float ONNX; RUN_DIR/bundle-int8, bundle-int8-dynamic and bundle-torchscript otherwise."""
+    suffix = f"-{quantize}" if quantize else ("" if fmt == "onnx" else f"-{fmt}")
     return Path(run_dir) / f"bundle{suffix}"
 
 
@@ -55,6 +55,7 @@ def staged(out: Path) -> Iterator[Path]:
 def run_meta(run: LoadedRun, name: str | None, model_file: str, versions: dict[str, str]) -> dict[str, Any]:
     """The part of bundle.json every task writes: identity, provenance, metrics and versions."""
     summary = run.summary
+    decision = runs.read_decision(run.run_dir)  # binary: the operating point predict and serve apply
     return {
         "kind": run.task.name,
         "name": name or f"{summary.experiment or run.config.experiment}-{run.name}",
@@ -66,4 +67,4 @@ def run_meta(run: LoadedRun, name: str | None, model_file: str, versions: dict[s
         "run": {"run_dir": str(run.run_dir.resolve()), "run_name": run.name, "checkpoint": run.checkpoint, "epoch": run.epoch},
         "versions": versions,
         "created_at": runs.now_iso(),
-    }
+    } | ({"positive_class": decision[0], "threshold": decision[1]} if decision else {})

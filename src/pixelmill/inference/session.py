@@ -23,20 +23,68 @@ ImageLike = Any  # PIL.Image.Image | np.ndarray | str | Path
 
 @dataclass
 class Prediction:
-    """One image's result: the top label, its probability, the top-k and every class's probability."""
+    """One input's result: the decided label, its probability, the top-k and every class's probability.
+
+    ``threshold``/``positive_class``: set when a binary model decided at its operating point
+    (``label`` is then ``positive_class`` exactly when its probability reaches ``threshold``).
+    """
 
     label: str
     confidence: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
     probabilities: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    positive_class: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "confidence": self.confidence,
             "top_k": [{"label": k, "probability": p} for k, p in self.top_k],
             "probabilities": dict(self.probabilities),
         }
+        if self.threshold is not None:
+            out |= {"threshold": self.threshold, "positive_class": self.positive_class}
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A binary model's operating point: ``positive`` is the label where its probability reaches ``threshold``."""
+
+    positive: str
+    threshold: float
+
+    @classmethod
+    def of_bundle(cls, bundle: Bundle) -> Decision | None:
+        """The operating point bundle.json carries (binary models exported with one), else None."""
+        info = bundle.info
+        if info.threshold is None or info.positive_class is None:
+            return None
+        if len(bundle.classes) != 2 or info.positive_class not in bundle.classes:
+            raise BundleError(f"bundle {bundle.path} has a threshold for '{info.positive_class}' but classes {bundle.classes}; export it again")
+        return cls(info.positive_class, float(info.threshold))
+
+
+class Decisions:
+    """What the single-label runtimes share: decode probabilities at the model's operating point (binary), else by argmax.
+
+    Expects ``classes`` and sets nothing itself; ``decision`` is the model's own operating point.
+    """
+
+    classes: list[str]
+    decision: Decision | None = None
+
+    def decode(self, probs: np.ndarray, top_k: int = 5, threshold: float | None = None) -> list[Prediction]:
+        """(N, C) probabilities -> predictions; ``threshold`` replaces a binary model's own for this call."""
+        decision = self.decision
+        if threshold is not None:
+            if len(self.classes) != 2:
+                raise DataError(f"threshold applies to binary and multi-label models; this model has {len(self.classes)} classes")
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise DataError(f"threshold must be a probability in [0, 1]; got {threshold}")
+            decision = Decision(decision.positive if decision else self.classes[1], float(threshold))
+        return to_predictions(probs, self.classes, top_k, decision)
 
 
 def array_to_image(arr: np.ndarray) -> Image.Image:
@@ -75,18 +123,22 @@ def prepare_image(image: ImageLike, prep: Preprocessing) -> np.ndarray:
     return to_model_input(image, prep)
 
 
-def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5) -> list[Prediction]:
-    """(N, C) probabilities -> one :class:`Prediction` per row."""
+def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5, decision: Decision | None = None) -> list[Prediction]:
+    """(N, C) probabilities -> one :class:`Prediction` per row: the argmax, or a binary ``decision``'s label."""
     k = max(1, min(int(top_k), len(classes)))
+    pos = list(classes).index(decision.positive) if decision else -1
     out = []
     for row in np.asarray(probs, dtype=np.float64):
         order = np.argsort(-row, kind="stable")[:k]
+        chosen = int(order[0]) if decision is None else (pos if row[pos] >= decision.threshold else 1 - pos)
         out.append(
             Prediction(
-                label=classes[int(order[0])],
-                confidence=float(row[order[0]]),
+                label=classes[chosen],
+                confidence=float(row[chosen]),
                 top_k=[(classes[int(i)], float(row[i])) for i in order],
                 probabilities={name: float(p) for name, p in zip(classes, row)},
+                threshold=decision.threshold if decision else None,
+                positive_class=decision.positive if decision else None,
             )
         )
     return out

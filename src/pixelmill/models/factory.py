@@ -29,7 +29,7 @@ from pixelmill.errors import ModelError
 from pixelmill.models import nets
 from pixelmill.models.names import split_prefix
 
-__all__ = ["create_model", "list_models", "load_weights", "model_data_config"]
+__all__ = ["create_model", "enable_grad_checkpointing", "list_models", "load_weights", "model_data_config"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def create_model(
     weights: str | Path | None = None,
     in_chans: int = 3,
     drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
     freeze_backbone: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
@@ -133,8 +134,9 @@ def create_model(
 
     `pretrained=True` downloads hub weights (ModelError when offline); `weights=PATH` loads a
     local .safetensors / state-dict file instead (head keys whose shapes differ are skipped).
-    `freeze_backbone=True` leaves only the classifier head trainable. Extra `kwargs` go to
-    pixelmill's own nets (e.g. `in_features`, `hidden_sizes`, `activation` for `mlp`).
+    `freeze_backbone=True` leaves only the classifier head trainable. `drop_path_rate` (stochastic
+    depth) is timm's option; other sources refuse it. Extra `kwargs` go to pixelmill's own nets
+    (e.g. `in_features`, `hidden_sizes`, `activation` for `mlp`).
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
@@ -146,6 +148,10 @@ def create_model(
         pretrained = False
     if kwargs and source != "pixelmill":
         raise ModelError(f"model options {', '.join(sorted(kwargs))} apply to pixelmill's own nets only, not {source} '{bare}'")
+    if drop_path_rate is not None:
+        if source != "timm":  # pixelmill's nets have no residual blocks to skip; torchvision names it per model
+            raise ModelError(f"model.drop_path_rate applies to timm models (stochastic depth), not {source} '{bare}'; leave it unset")
+        kwargs["drop_path_rate"] = drop_path_rate
     model = _BUILDERS[source](bare, num_classes, pretrained, in_chans, drop_rate, **kwargs)
     if weights is not None:
         load_weights(model, weights)
@@ -166,10 +172,12 @@ def _create_own(
     return nets.model_entrypoint(name)(num_classes=num_classes, in_chans=in_chans, **kwargs, **options)
 
 
-def _create_timm(name: str, num_classes: int, pretrained: bool, in_chans: int, drop_rate: float | None) -> nn.Module:
+def _create_timm(
+    name: str, num_classes: int, pretrained: bool, in_chans: int, drop_rate: float | None, **options: Any
+) -> nn.Module:
     import timm
 
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, **options)
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
     if not pretrained:
@@ -369,6 +377,21 @@ def _freeze_backbone(model: nn.Module) -> None:
         head.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError(f"{type(model).__name__} has no trainable head; use model.freeze_backbone=false")
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """Recompute activations in the backward pass (timm's ``set_grad_checkpointing``); ModelError where the model lacks it."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    refused = f"model '{name}' does not support gradient checkpointing (timm models with set_grad_checkpointing do); set model.grad_checkpointing=false"
+    if setter is None:
+        raise ModelError(refused)
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError):  # timm's way of saying "not for this architecture"
+        raise ModelError(refused) from None
 
 
 # ----------------------------------------------------------------------------- local weights

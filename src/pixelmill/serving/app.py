@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pixelmill import __version__
 from pixelmill.serving.engine import Engine, EngineStopped, Overloaded
 from pixelmill.serving.middleware import LIVENESS, BearerAuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestContextMiddleware
-from pixelmill.serving.routes import health, metrics, predict, v2
+from pixelmill.serving.routes import explain, health, metrics, predict, v2
 from pixelmill.serving.settings import ServeSettings, available_cpus
 from pixelmill.serving.telemetry import ServingMetrics
 
@@ -99,7 +99,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(
         title="pixelmill",
         version=__version__,
-        description="Image classification on ONNX Runtime: a native API (`/predict`, `/model`) and the "
+        description="Image classification on ONNX Runtime: a native API (`/predict`, `/explain`, `/model`) and the "
         "Open Inference Protocol v2 (`/v2/...`, Triton/KServe clients).",
         lifespan=lifespan,
     )
@@ -107,7 +107,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.metrics = telemetry
     app.state.engine = None
     _install_error_handlers(app)
-    for router in (predict.router, v2.router, health.router, metrics.router):
+    for router in (predict.router, explain.router, v2.router, health.router, metrics.router):
         app.include_router(router)
     # Added innermost first: a request meets context -> rate limit -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)

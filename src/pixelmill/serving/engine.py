@@ -1,9 +1,11 @@
-"""The model behind the routes: one ONNX Runtime session fed by a dynamic batcher.
+"""The model behind the routes: one ONNX Runtime session fed by dynamic batchers.
 
 Requests call :meth:`Engine.infer` with their own (n, H, W, C) uint8 images and await an
 asyncio future. One coroutine gathers whatever arrived within ``max_delay_ms`` (up to
 ``max_batch_size`` images), runs it as one batch on a single worker thread, and hands each
-request its rows back. The event loop never runs ONNX Runtime itself.
+request its rows back. The event loop never runs ONNX Runtime itself. An explainable model
+has a second batcher for :meth:`Engine.explain` (probabilities and class activation maps in
+one call), so explanations never share a batch, or its latency, with plain predictions.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import anyio
 import numpy as np
 
 from pixelmill.errors import BundleError
+from pixelmill.explain.heatmaps import heatmap_png
 from pixelmill.export.bundle import Bundle, read_bundle
 from pixelmill.serving.settings import ServeSettings
 from pixelmill.serving.telemetry import ServingMetrics
@@ -56,6 +60,9 @@ class DynamicBatcher:
         metrics: ServingMetrics | None = None,
         join: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None,
         split: Callable[[Any, Sequence[int]], list[Any]] | None = None,
+        join_outputs: Callable[[Sequence[Any]], Any] | None = None,
+        name: str = "predict",
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -63,16 +70,29 @@ class DynamicBatcher:
         # How requests' inputs become one batch and its outputs go back: the task's (default: along axis 0).
         self._join = join or join_along_batch
         self._split = split or split_along_batch
+        # How the outputs of a request larger than one batch are put back together (default: as the inputs are).
+        self._join_outputs = join_outputs or self._join
+        self.name = name  # the "batcher" label of its metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
+        if metrics is not None:  # every series exists from the start, at zero
+            for collector in (metrics.queue_latency, metrics.inference_latency, metrics.batch_size, metrics.images, metrics.queue_depth):
+                collector.labels(name)
         self._pending: deque[_Job] = deque()
         self._pending_images = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        # One thread: ORT parallelises inside a batch with its own intra-op threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelmill-ort")
+        # One thread: ORT parallelises inside a batch with its own intra-op threads. A batcher given
+        # another's executor shares its thread, so two batchers of one session never run at once.
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelmill-ort")
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The thread its ONNX Runtime calls run on."""
+        return self._executor
 
     @property
     def running(self) -> bool:
@@ -81,7 +101,7 @@ class DynamicBatcher:
     async def start(self) -> None:
         """Start the batching coroutine on the running loop."""
         self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="pixelmill-batcher")
+        self._task = asyncio.create_task(self._loop(), name=f"pixelmill-{self.name}-batcher")
 
     async def stop(self) -> None:
         """Stop batching, fail whatever still waits, release the worker thread."""
@@ -97,7 +117,8 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.set_exception(EngineStopped("the server is shutting down"))
         self._pending_images = 0
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def run_now(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch on the worker thread, bypassing the queue (used to warm the session up)."""
@@ -124,11 +145,11 @@ class DynamicBatcher:
             for job in jobs:
                 job.future.cancel()
             raise
-        return self._join(parts)
+        return self._join_outputs(parts)
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._pending_images)
+            self.metrics.queue_depth.labels(self.name).set(self._pending_images)
 
     async def _next_batch(self) -> list[_Job]:
         """Wait for a job, then for more until the oldest has waited ``max_delay``; pop at most ``max_batch_size`` images.
@@ -186,10 +207,22 @@ class DynamicBatcher:
         if self.metrics is None:
             return
         for job in jobs:
-            self.metrics.queue_latency.observe(start - job.enqueued)
-        self.metrics.inference_latency.observe(end - start)
-        self.metrics.batch_size.observe(size)
-        self.metrics.images.inc(size)
+            self.metrics.queue_latency.labels(self.name).observe(start - job.enqueued)
+        self.metrics.inference_latency.labels(self.name).observe(end - start)
+        self.metrics.batch_size.labels(self.name).observe(size)
+        self.metrics.images.labels(self.name).inc(size)
+
+
+def split_pairs(outputs: tuple[np.ndarray, np.ndarray], sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """((B, ...), (B, ...)) -> per job the pair of its rows: how the explain batcher hands back probabilities and maps."""
+    firsts, seconds = (split_along_batch(part, sizes) for part in outputs)
+    return list(zip(firsts, seconds))
+
+
+def join_pairs(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of a request's jobs -> one pair of (n, ...) arrays."""
+    firsts, seconds = zip(*parts)
+    return join_along_batch(firsts), join_along_batch(seconds)
 
 
 def resolve_bundle_path(model: str, tracking_uri: str | None = None) -> Path:
@@ -210,14 +243,15 @@ def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
 
 
 class Engine:
-    """A verified bundle, its task's ONNX Runtime model and the batcher in front of it."""
+    """A verified bundle, its task's ONNX Runtime model and the batchers in front of it (predict; explain when the graph can)."""
 
-    def __init__(self, bundle: Bundle, classifier: Any, batcher: DynamicBatcher, version: str = "1") -> None:
+    def __init__(self, bundle: Bundle, classifier: Any, batcher: DynamicBatcher, version: str = "1", explainer: DynamicBatcher | None = None) -> None:
         self.bundle = bundle
         self.task = TASKS[bundle.kind]
         self.codec = self.task.serving()  # how the routes read requests and write answers for this task
         self.classifier = classifier
         self.batcher = batcher
+        self.explainer = explainer  # the /explain batcher: None unless the bundle's graph has the class activation maps
         self.version = version
         self.input_shape: tuple[int, ...] = classifier.input_shape  # one input: (H, W, C) of an image, columns of a row
 
@@ -231,7 +265,13 @@ class Engine:
             classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics,
             join=task.join_inputs, split=task.split_outputs,
         )
-        return cls(bundle, classifier, batcher, settings.model_version)
+        explainer = None
+        if getattr(classifier, "explainable", False) and hasattr(task.serving(), "explain_response"):
+            explainer = DynamicBatcher(
+                classifier.run_with_cams, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics,
+                join=task.join_inputs, split=split_pairs, join_outputs=join_pairs, name="explain", executor=batcher.executor,
+            )
+        return cls(bundle, classifier, batcher, settings.model_version, explainer)
 
     @property
     def ready(self) -> bool:
@@ -241,15 +281,38 @@ class Engine:
     def classes(self) -> list[str]:
         return self.classifier.classes
 
+    @property
+    def unexplainable(self) -> str | None:
+        """Why ``/explain`` cannot answer for this model (bundle.json's reason), or None when it can."""
+        if self.explainer is not None:
+            return None
+        if not hasattr(self.classifier, "check_explainable"):
+            reason = f"a {self.task.title} model has no class activation maps"
+        else:
+            reason = (self.bundle.meta.get("explain") or {}).get("reason", "it was exported before explanations existed")
+        return f"model '{self.bundle.name}' has no explanations: {reason}"
+
     async def start(self) -> None:
         """Warm the session up (first-call allocations) and start batching."""
         await self.batcher.run_now(self.classifier.warmup_batch())
         await self.batcher.start()
+        if self.explainer is not None:
+            await self.explainer.run_now(self.classifier.warmup_batch())
+            await anyio.to_thread.run_sync(heatmap_png, np.zeros((1, 1), np.float32))  # loads the colour map before the first /explain
+            await self.explainer.start()
         log.info("serving %s (%d classes, input %s) from %s", self.bundle.name, len(self.classes), self.input_shape, self.bundle.path)
 
     async def stop(self) -> None:
+        if self.explainer is not None:  # first: it runs on the predict batcher's thread, which stop() releases
+            await self.explainer.stop()
         await self.batcher.stop()
 
     async def infer(self, inputs: np.ndarray) -> np.ndarray:
         """One request's inputs ((n, H, W, C) uint8 images, (n,) table rows) -> its (n, ...) outputs, batched with others."""
         return await self.batcher.submit(inputs)
+
+    async def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, H, W, C) uint8 -> ((n, classes) probabilities, (n, classes, h, w) raw class activation maps), batched with other /explain requests."""
+        if self.explainer is None:
+            raise RuntimeError(f"explain called on an engine without the explain batcher ({self.unexplainable}); routes check `unexplainable` first")
+        return await self.explainer.submit(images)

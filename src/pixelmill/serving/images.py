@@ -63,6 +63,21 @@ def decode_images(files: list[tuple[str, bytes]], prep: Preprocessing, max_pixel
     return np.stack([decode_image(data, name, prep, max_pixels) for name, data in files])
 
 
+def decode_each(files: list[tuple[str, bytes]], prep: Preprocessing, max_pixels: int) -> list[np.ndarray | str]:
+    """[(name, bytes)] -> per file its (H, W, C) uint8 image or the message of why it was refused.
+
+    The same checks as :func:`decode_images`, but one bad file does not fail the others
+    (``/explain`` answers the readable images and names the rest).
+    """
+    out: list[np.ndarray | str] = []
+    for name, data in files:
+        try:
+            out.append(decode_image(data, name, prep, max_pixels))
+        except HTTPException as exc:
+            out.append(str(exc.detail))
+    return out
+
+
 def decode_base64(text: str, name: str) -> bytes:
     """A base64 string (or ``data:image/...;base64,`` URL) -> bytes; 422 naming the instance if invalid."""
     if text.startswith("data:"):

@@ -26,6 +26,8 @@ class ImagePrediction(BaseModel):
     confidence: float
     top_k: list[TopK]
     probabilities: dict[str, float]
+    threshold: Optional[float] = Field(None, description="Binary models: the probability of positive_class at which label is positive_class.")
+    positive_class: Optional[str] = None
 
 
 class LabelSetImagePrediction(BaseModel):
@@ -54,6 +56,8 @@ class RecordPrediction(BaseModel):
     confidence: float
     top_k: list[TopK]
     probabilities: dict[str, float]
+    threshold: Optional[float] = Field(None, description="Binary models: the probability of positive_class at which label is positive_class.")
+    positive_class: Optional[str] = None
 
 
 class RecordsPredictResponse(BaseModel):
@@ -66,6 +70,58 @@ class PredictResponse(BaseModel):
     model: str
     version: str
     predictions: list[ImagePrediction]
+
+
+class PngHeatmap(BaseModel):
+    """One explained class (``/explain?output=png``): its probability and its heatmap over the image."""
+
+    label: str
+    probability: float
+    heatmap_png: str = Field(
+        description="Base64 PNG at the model's input size: the heatmap in colour (red: most evidence for the class) over the image as the model saw it."
+    )
+
+
+class GridHeatmap(BaseModel):
+    """One explained class (``/explain?output=grid``): its probability and its heatmap averaged down to a grid."""
+
+    label: str
+    probability: float
+    grid: list[list[float]] = Field(description="cells x cells values in [0, 1], row by row from the top left; 1 is the heatmap's peak.")
+
+
+Heatmap = Union[PngHeatmap, GridHeatmap]
+
+
+class ImageExplanation(ImagePrediction):
+    """One image's prediction, as ``/predict`` answers it, and the heatmap of each explained class."""
+
+    explanations: list[Heatmap] = Field(description="The class asked for (?class=), else the predicted class.")
+
+
+class LabelSetImageExplanation(LabelSetImagePrediction):
+    """One image's multi-label prediction, as ``/predict`` answers it, and the heatmap of each explained label."""
+
+    explanations: list[Heatmap] = Field(description="The class asked for (?class=), else each predicted label (the most probable one when none is).")
+
+
+class ImageFailure(BaseModel):
+    """An image of an ``/explain`` request that could not be read (the request's other images are answered)."""
+
+    file: str
+    error: str
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Union[ImageExplanation, ImageFailure]] = Field(description="One entry per image, in the request's order.")
+
+
+class LabelSetExplainResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Union[LabelSetImageExplanation, ImageFailure]] = Field(description="One entry per image, in the request's order.")
 
 
 class Base64Image(BaseModel):
@@ -106,6 +162,11 @@ class ModelInfo(BaseModel):
         None, serialization_alias="schema", description="Tabular models: the run's schema.json (columns, types, categories, classes)."
     )
     thresholds: Optional[dict[str, float]] = Field(None, description="Multi-label models: each label's decision threshold.")
+    threshold: Optional[float] = Field(None, description="Binary models: the decision threshold on the probability of positive_class.")
+    positive_class: Optional[str] = None
+    explain: Optional[dict[str, Any]] = Field(
+        None, description="Whether POST /explain answers for this model: bundle.json's explain block (available, and the reason when not)."
+    )
 
 
 class ServerMetadata(BaseModel):

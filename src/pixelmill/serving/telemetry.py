@@ -9,7 +9,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class ServingMetrics:
-    """Requests by route and status, latencies (queue, inference, total), batch sizes, in-flight, model info."""
+    """Requests by route and status, latencies (queue, inference, total), batch sizes by batcher, in-flight, model info."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -21,13 +21,15 @@ class ServingMetrics:
             "pixelmill_http_request_duration_seconds", "Total request latency.", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.in_flight = Gauge("pixelmill_http_requests_in_flight", "Requests being handled now.", registry=r)
+        # The batcher metrics carry which batcher ran: "predict" (/predict and v2) or "explain" (/explain, whose
+        # ONNX Runtime calls also compute class activation maps and so take longer).
         self.queue_latency = Histogram(
-            "pixelmill_queue_duration_seconds", "Time a request waited for its batch to start.", buckets=_LATENCY_BUCKETS, registry=r
+            "pixelmill_queue_duration_seconds", "Time a request waited for its batch to start.", ["batcher"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.inference_latency = Histogram(
-            "pixelmill_inference_duration_seconds", "ONNX Runtime time of one batch.", buckets=_LATENCY_BUCKETS, registry=r
+            "pixelmill_inference_duration_seconds", "ONNX Runtime time of one batch.", ["batcher"], buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("pixelmill_batch_size", "Images per ONNX Runtime call.", buckets=_BATCH_BUCKETS, registry=r)
-        self.images = Counter("pixelmill_images", "Images classified.", registry=r)
-        self.queue_depth = Gauge("pixelmill_queue_images", "Images waiting for inference.", registry=r)
+        self.batch_size = Histogram("pixelmill_batch_size", "Images per ONNX Runtime call.", ["batcher"], buckets=_BATCH_BUCKETS, registry=r)
+        self.images = Counter("pixelmill_images", "Images classified (and explained, for the explain batcher).", ["batcher"], registry=r)
+        self.queue_depth = Gauge("pixelmill_queue_images", "Images waiting for inference.", ["batcher"], registry=r)
         self.model_info = Info("pixelmill_model", "The served model.", registry=r)

@@ -57,6 +57,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def check_data(self, cfg: Any, data: Any) -> None:
+        """Before training: raise ConfigError/DataError when the evaluation settings cannot work on ``data``
+        (a threshold rule the val split cannot meet, calibration on one class). Nothing by default."""
+
     def evaluation_data(self, cfg: Any, run_dir: Path, classes: list[str], split: str, other: Path | None) -> tuple[Any, str]:
         """(data, name) to evaluate: a split of the run's data, or ``other`` (a folder or file) mapped onto ``classes``."""
         raise NotImplementedError

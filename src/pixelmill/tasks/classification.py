@@ -104,12 +104,11 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(log_t.exp().item())
 
 
-def calibrate(run_dir: Path, net: torch.nn.Module, loader) -> float:
-    """``eval.calibrate=temperature``: fit T on the validation loader, write RUN_DIR/calibration.json."""
+def calibrate(run_dir: Path, y: np.ndarray, logits: np.ndarray) -> float:
+    """``eval.calibrate=temperature``: fit T on the validation logits, write RUN_DIR/calibration.json."""
     from pixelmill.errors import DataError
     from pixelmill.evaluation.metrics import expected_calibration_error
 
-    y, logits = predict_logits(net, loader)
     if len(np.unique(y)) < 2:
         raise DataError("eval.calibrate=temperature needs validation images of at least 2 classes; the val split has one")
     t = fit_temperature(logits, y)
@@ -123,18 +122,66 @@ def calibrate(run_dir: Path, net: torch.nn.Module, loader) -> float:
     return t
 
 
+def choose_threshold(run_dir: Path, y: np.ndarray | None, probs: np.ndarray | None, classes: list[str], positive: str, rule: str) -> float:
+    """A binary model's decision threshold on the positive class's probability, chosen on val by ``rule``;
+    written to RUN_DIR/threshold.json with what it gives on val (sensitivity, specificity, PPV, NPV)."""
+    from pixelmill.evaluation.metrics import operating_point
+    from pixelmill.evaluation.multilabel import DEFAULT_THRESHOLD, choose_thresholds
+    from pixelmill.evaluation.rules import resolve
+
+    rule = resolve(rule, str(DEFAULT_THRESHOLD))  # auto: 0.5, the argmax decision
+    pos = classes.index(positive)
+    record: dict[str, Any] = {"rule": rule, "positive": positive, "split": "val"}
+    if y is None or probs is None:  # a fixed threshold needs no validation data
+        threshold = float(rule)
+    else:
+        target = (y == pos).astype(np.int64)[:, None]
+        threshold = float(choose_thresholds(target, probs[:, [pos]], rule)[0])
+        record |= {"n": len(y), "val": operating_point(y, probs, pos, threshold)}
+    record["threshold"] = threshold
+    runs.write_atomic(Path(run_dir) / runs.THRESHOLD, json.dumps(record, indent=2) + "\n")
+    log.info("decision threshold %.4f on p(%s) (%s)%s", threshold, positive, rule, _val_figures(record.get("val")))
+    return threshold
+
+
+def _val_figures(val: dict[str, Any] | None) -> str:
+    if not val:
+        return ""
+    return ", on val: " + ", ".join(f"{k} {val[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "npv") if val.get(k) is not None)
+
+
+def choose_operating_point(
+    run_dir: Path, net: torch.nn.Module, loader, calibration: str, rule: str, positive: str | None, classes: list[str]
+) -> None:
+    """After training, on val: the temperature (``calibration``) and, when ``positive`` is given, the binary threshold."""
+    run_dir = Path(run_dir)
+    for stale in (CALIBRATION_FILE, runs.THRESHOLD):  # a resumed run whose config dropped them
+        (run_dir / stale).unlink(missing_ok=True)
+    if loader is None:  # no val split: only a fixed threshold (check_data refused the rest)
+        if positive is not None:
+            choose_threshold(run_dir, None, None, classes, positive, rule)
+        return
+    y, logits = predict_logits(net, loader)
+    temperature = calibrate(run_dir, y, logits) if calibration != "none" else 1.0
+    if positive is not None:
+        probs = tempered_softmax(temperature)(torch.from_numpy(logits)).numpy()  # the threshold applies to what the bundle returns
+        choose_threshold(run_dir, y, probs, classes, positive, rule)
+
+
 def read_temperature(run_dir: Path) -> float:
     """The run's fitted temperature (1.0 when it was not calibrated)."""
     path = Path(run_dir) / CALIBRATION_FILE
-    return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
+    return float(json.loads(path.read_text()).get("temperature", 1.0)) if path.is_file() else 1.0  # multi-label: "temperatures"
 
 
 def evaluate(
-    run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str, top_k: list[int], images=None, bootstrap: int = 0, seed: int = 0
+    run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str, top_k: list[int], images=None, bootstrap: int = 0, seed: int = 0,
+    prep: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``net`` on ``loader`` (one split of ``data``); write ``eval/<split>/``, update summary.json.
 
-    ``images(path) -> PIL image`` lets the plots show the most confidently misclassified inputs.
+    ``images(path) -> PIL image`` lets the plots show the most confidently misclassified inputs; with the
+    image preprocessing ``prep`` too, the report's gallery shows where the model looked (Grad-CAM).
     """
     from pixelmill.evaluation.metrics import write_evaluation
 
@@ -142,10 +189,18 @@ def evaluate(
     temperature = read_temperature(run_dir)  # 1.0 unless eval.calibrate fitted one
     probs = tempered_softmax(temperature)(torch.from_numpy(logits)).numpy()
     paths = [path for path, _ in data.splits[split]]  # image paths, or 'file.csv:LINE' row ids
+    decision = runs.read_decision(run_dir)  # binary: decide at the run's threshold
     metrics = write_evaluation(
         Path(run_dir) / "eval" / split, y_true, probs, data.classes, paths, top_k=top_k, images=images, bootstrap=bootstrap, seed=seed,
         uncalibrated=softmax(torch.from_numpy(logits)).numpy() if temperature != 1.0 else None, temperature=temperature,
+        decision=(data.classes.index(decision[0]), decision[1]) if decision else None,
     )
+    if images is not None and prep is not None:
+        from pixelmill.evaluation.metrics import EXPLAINED_FILE, decide
+        from pixelmill.explain.gallery import write_gallery
+
+        predicted = decide(probs, (data.classes.index(decision[0]), decision[1]) if decision else None)
+        write_gallery(net, prep, images, paths, y_true, probs, predicted, data.classes, Path(run_dir) / "eval" / split / EXPLAINED_FILE, seed=seed)
     evals = runs.load_summary(run_dir).eval
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)
@@ -164,6 +219,7 @@ def build_net(cfg: Any, num_classes: int, fresh: bool = False, **extra: Any) -> 
         weights=None if fresh else cfg.model.weights,
         in_chans=cfg.model.in_chans,
         drop_rate=cfg.model.drop_rate,
+        drop_path_rate=cfg.model.drop_path_rate,
         freeze_backbone=cfg.model.freeze_backbone,
         **extra,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 # Rank 0 tells the ranks it launches (Lightning DDP) which run directory they belong to.
 RUN_DIR_ENV = "PIXELMILL_RUN_DIR"
 
-# Keys a resume may change: it continues the same experiment, only longer or quieter.
-RESUMABLE_OVERRIDES = ("trainer.max_epochs", "trainer.progress_bar", "trainer.early_stopping_patience", "data.num_workers")
+# Keys a resume may change: it continues the same experiment, only longer or quieter (or with another DDP timeout).
+RESUMABLE_OVERRIDES = ("trainer.max_epochs", "trainer.progress_bar", "trainer.early_stopping_patience", "data.num_workers", "trainer.ddp_timeout_s")
 
 
 @dataclass
@@ -61,9 +62,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
     """
     if cfg.resume:
         return resume(cfg.resume)
+    if not cfg.run_name and _launched_per_rank():
+        # Every rank fails here, rank 0 too: were rank 0 alone to go on, it would wait for the others until the DDP timeout.
+        raise ConfigError("a run started by torchrun or SLURM needs run_name=NAME, the same on every node, so that every rank uses one run directory")
     from lightning import seed_everything
 
     from pixelmill.models.factory import resolve_model_name
+    from pixelmill.training.finders import find_settings
+    from pixelmill.training.recipe import prepare_net
 
     started = time.time()
     early = _EarlyLog()
@@ -72,9 +78,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         resolve_model_name(cfg.model.name)  # an unknown model fails before the data is scanned
         task.check_model(cfg)
         scan = task.load_data(cfg)
+        task.check_data(cfg, scan)  # what evaluation needs from the data fails now, not after training
         seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights depend on it
         net, prep = task.new_model(cfg, scan)
-        rank0 = global_rank() == 0
+        prepare_net(cfg, net)
+        tuned = find_settings(cfg, task, scan, net, prep, _distributed(cfg))  # data.batch_size=auto, optim.lr=auto
+        rank0 = is_global_zero()
         if rank0:
             check_trackers(cfg)
             run_dir = _new_run_dir(cfg)
@@ -98,12 +107,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> RunResult:
         data=scan.to_summary(),
         versions=runs.versions("torch", "lightning", "timm"),
         durations={"scan_s": round(time.time() - started, 3)},
+        tuned=tuned,
     )
     return _fit(cfg, task, run_dir, scan, net, prep, ckpt_path=None, extra_callbacks=callbacks)
 
 
 def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
     """Continue a stopped run from ``checkpoints/last.ckpt`` in the same run directory."""
+    from pixelmill.training.recipe import prepare_net
+
     run_dir = runs.resolve_run_dir(run_dir)
     cfg = load_saved(run_dir / runs.CONFIG)
     for key, value in (parse_override(o) for o in overrides):
@@ -120,7 +132,8 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
     if scan.classes != summary.classes:
         raise DataError(f"the classes changed since this run started ({summary.classes} -> {scan.classes}); start a new run")
     net, prep = task.saved_model(cfg, summary, run_dir)
-    if global_rank() == 0:
+    prepare_net(cfg, net)
+    if is_global_zero():
         from pixelmill.training.checkpoint import remove_partial_saves
 
         runs.write_atomic(run_dir / runs.CONFIG, to_yaml(cfg))
@@ -133,6 +146,7 @@ def resume(run_dir: str | Path, overrides: Iterable[str] = ()) -> RunResult:
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from pixelmill.training.averaging import averaging_callbacks
     from pixelmill.training.callbacks import EpochProgressBar, GracefulStop, RunHistory
 
     t = cfg.trainer
@@ -159,6 +173,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             enable_version_counter=False,
         ),
     ]
+    callbacks += averaging_callbacks(cfg)  # model.ema / trainer.swa: validated, checkpointed and evaluated as the average
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.mode, patience=t.early_stopping_patience, check_on_train_epoch_end=True))
     if t.progress_bar:
@@ -180,7 +195,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=_strategy(t),
         num_nodes=t.num_nodes,
         sync_batchnorm=t.sync_batchnorm,
         # SeededSampler shards itself per rank, keeping the global batch order of one process.
@@ -199,6 +214,21 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list):
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
     )
+
+
+def _strategy(t: DictConfig):
+    """``trainer.strategy``, built with ``trainer.ddp_timeout_s`` when it is a strategy that takes a timeout (ddp*, fsdp*, deepspeed*)."""
+    import inspect
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if t.strategy not in StrategyRegistry:  # auto, or a name Lightning reports itself
+        return t.strategy
+    entry = StrategyRegistry[t.strategy]
+    if "timeout" not in inspect.signature(entry["strategy"]).parameters:
+        return t.strategy
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=t.ddp_timeout_s))
 
 
 _LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -275,12 +305,44 @@ class _RunLog(_Capture):
         self.handler.close()
 
 
-def global_rank() -> int:
-    """This process's rank in a distributed run (0 when not distributed), from the launcher's env."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of the run Lightning is about to start (True when not distributed).
+
+    Asked before the Trainer exists (rank 0 alone creates the run directory), so it asks the cluster
+    environment the Trainer will pick instead of reading rank variables in an order of its own: an
+    interactive SLURM shell (job named bash or interactive) keeps ``SLURM_PROCID=0`` in every
+    process started in it, while Lightning launches and numbers the ranks itself there.
+    """
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    env = _cluster_environment()
+    if isinstance(env, LightningEnvironment):
+        # Lightning's own launcher sets LOCAL_RANK (and NODE_RANK) on each rank it starts; the strategy
+        # numbers them node_rank * devices + local_rank once the Trainer exists, so rank 0 is (0, 0).
+        return env.node_rank() == 0 and env.local_rank() == 0
+    return env.global_rank() == 0
+
+
+def _cluster_environment():
+    """The cluster environment Lightning's Trainer detects, tried in the Trainer's order (torchrun may run inside SLURM).
+
+    Lightning keeps this choice in a private method of its accelerator connector, so the order is
+    repeated here (lightning/pytorch/trainer/connectors/accelerator_connector.py).
+    """
+    from lightning.fabric.plugins.environments import LightningEnvironment, LSFEnvironment, MPIEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    for env_type in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env_type.detect():
+            return env_type()
+    return LightningEnvironment()
+
+
+def _launched_per_rank() -> bool:
+    """Whether a launcher (torchrun, srun) started every rank of a distributed run, rather than Lightning from rank 0."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    env = _cluster_environment()
+    return not isinstance(env, LightningEnvironment) and env.world_size() > 1
 
 
 def _shared_run_dir(cfg: DictConfig) -> Path:
@@ -306,7 +368,7 @@ def _fit(
     from pixelmill import tracking
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    rank0 = global_rank() == 0
+    rank0 = is_global_zero()
     summary = runs.load_summary(run_dir)
     with _RunLog(run_dir) if rank0 else nullcontext():
         loggers = tracking.build_loggers(cfg, run_dir, run_dir.name, summary.trackers) if rank0 else []
@@ -330,6 +392,11 @@ def _fit(
             if rank0:
                 runs.update_summary(run_dir, status=status, error=f"{type(exc).__name__}: {exc}"[:500], pid=None)
                 tracking.finish(loggers, status)
+            if status == "failed" and _lost_peer(exc):
+                raise RunError(
+                    f"the distributed run lost a process ({_first_sentence(exc)}): a node died, hung or lost its network;"
+                    f" once every node is up, continue with 'pixelmill train resume={run_dir}' on every node, launched as before"
+                ) from exc
             raise
         finally:
             stopper.uninstall()
@@ -340,6 +407,24 @@ def _fit(
         if rank0 and trainer.is_global_zero:
             result.test_metrics = _finish_run(cfg, task, run_dir, scan, net, prep, result, time.time() - fit_start, loggers)
     return result
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` says another process of the distributed run stopped answering (died, hung past the timeout, unreachable).
+
+    NCCL raises ``torch.distributed.DistError``; gloo a plain RuntimeError from its transport layer
+    ("[.../gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:740: Connection reset by peer. ...",
+    "[.../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 60000ms for recv operation to complete").
+    """
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The library's message without its source location, up to the first full stop: ``Read error [10.0.0.2]:740: Connection reset by peer``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    return text.split(". ")[0].split("\n")[0].rstrip(".")
 
 
 def _finish_run(cfg: DictConfig, task: Task, run_dir: Path, scan, net, prep, result: RunResult, fit_s: float, loggers: list):

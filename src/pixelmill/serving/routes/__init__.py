@@ -1,4 +1,4 @@
-"""One router per resource: predict (native API), v2 (Open Inference Protocol), health, metrics."""
+"""One router per resource: predict (native API), explain, v2 (Open Inference Protocol), health, metrics."""
 
 from __future__ import annotations
 
@@ -24,6 +24,42 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         429: "Rate limit exceeded",
         503: "Model not ready or overloaded",
     }.items()
+}
+
+
+# The request body of /predict and /explain as OpenAPI shows it (the routes read it themselves: multipart or JSON).
+IMAGES_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+                    "required": ["files"],
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "anyOf": [
+                                    {"type": "string", "description": "base64 image file (or a data: URL)"},
+                                    {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+                                ]
+                            },
+                        }
+                    },
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
 }
 
 

@@ -7,45 +7,10 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from pixelmill.serving.routes import ERRORS, engine_of, settings_of
+from pixelmill.serving.routes import ERRORS, IMAGES_BODY, engine_of, settings_of
 from pixelmill.serving.schemas import ModelInfo, PredictResponse
 
 router = APIRouter(tags=["native"])
-
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
-                    "required": ["files"],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "instances": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "anyOf": [
-                                    {"type": "string", "description": "base64 image file (or a data: URL)"},
-                                    {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
-                                ]
-                            },
-                        }
-                    },
-                    "required": ["instances"],
-                    "additionalProperties": False,
-                }
-            },
-        },
-    }
-}
-
 
 def _finite(value: Any) -> Any:
     """NaN/inf (e.g. an undefined AUC in bundle.json) -> None, so the JSON stays valid."""
@@ -58,12 +23,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-@router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=_PREDICT_BODY)
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGES_BODY)
 async def predict(
     request: Request,
     top_k: Optional[int] = Query(None, ge=1, le=10_000, description="How many classes to list per image (default: server's top_k)."),
     threshold: Optional[float] = Query(
-        None, ge=0.0, le=1.0, description="Multi-label models: one decision threshold for every label instead of the model's own."
+        None, ge=0.0, le=1.0,
+        description="Binary models: the threshold on the positive class's probability; multi-label models: one threshold for every label (instead of the model's own).",
     ),
 ) -> PredictResponse:
     """Classify one or more images: multipart files (field ``files``) or JSON ``{"instances": [base64, ...]}``.
@@ -75,7 +41,7 @@ async def predict(
     codec = engine.codec  # the task's: images for image classification, records for tabular
     options = {} if threshold is None else {"threshold": threshold}
     if options and not getattr(codec, "takes_threshold", False):
-        raise HTTPException(422, f"threshold applies to multi-label models; '{engine.bundle.name}' is a {engine.task.title} model")
+        raise HTTPException(422, f"threshold applies to binary and multi-label models; '{engine.bundle.name}' is a {engine.task.title} model")
     ids, batch = await codec.native_inputs(request, media_type, engine, settings, request.app.state.decode_limiter)
     outputs = await engine.infer(batch)  # (N, num_classes)
     return codec.native_response(engine, ids, outputs, top_k or settings.top_k, **options)
@@ -102,4 +68,7 @@ async def model_info(request: Request) -> ModelInfo:
         inputs=info.inputs,
         table_schema=engine.bundle.meta.get("schema"),
         thresholds=info.thresholds,
+        threshold=info.threshold,
+        positive_class=info.positive_class,
+        explain=engine.bundle.meta.get("explain"),
     )

@@ -20,7 +20,7 @@ def load_scan(cfg: Any) -> ScanResult:
         raise ConfigError("data.path is not set; pass data.path=DIR (one sub-folder per class) or a CSV manifest")
     scan = scan_images(
         cfg.data.path, layout=cfg.data.layout, val_ratio=cfg.data.val_ratio, test_ratio=cfg.data.test_ratio, seed=cfg.seed,
-        group_column=cfg.data.group_column,
+        group_column=cfg.data.group_column, cache=cfg.data.scan_cache,
     )
     if not scan.splits.get("val"):
         raise DataError("no validation images: add a val/ folder or set data.val_ratio above 0")
@@ -71,5 +71,23 @@ def check_images(cfg: Any, run_dir: Path, limit: int = 64, load: Callable[[Any],
                 items += [row["path"] for row in csv.DictReader(fh) if Path(row["path"]).is_file()]
     if not items:
         raise BundleError(f"no evaluation images found for '{run_dir}' to check the export against; restore its data.path")
+    step = max(1, len(items) // limit)
+    return items[::step][:limit]
+
+
+def calibration_images(cfg: Any, limit: int, load: Callable[[Any], ScanResult] = load_scan) -> list[str]:
+    """Up to ``limit`` of the run's training images, spread over the split: what static int8 calibrates on.
+
+    DataError (one line, exit 2) when the run's data cannot be scanned now or its train split is
+    empty: calibration has no fallback, because ranges measured on other images are not the model's.
+    """
+    fix = "restore the run's data.path or export with --quantize int8-dynamic (no calibration)"
+    try:
+        scan = load(cfg)
+    except (DataError, ConfigError, OSError) as exc:
+        raise DataError(f"int8 calibration reads the run's training images, and its data cannot be read now ({exc}); {fix}") from None
+    items = [str(p) for p, _ in scan.splits.get("train", [])]
+    if not items:
+        raise DataError(f"int8 calibration found no readable training images under '{cfg.data.path}'; {fix}")
     step = max(1, len(items) // limit)
     return items[::step][:limit]

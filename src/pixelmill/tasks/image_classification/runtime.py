@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 
 from pixelmill.errors import BundleError
+from pixelmill.explain import CAM_OUTPUT
 from pixelmill.export.bundle import Bundle
-from pixelmill.inference.session import ImageLike, Prediction, open_session, prepare_image, to_predictions
+from pixelmill.inference.session import Decision, Decisions, ImageLike, Prediction, open_session, prepare_image
 
 
-class OnnxClassifier:
+class OnnxClassifier(Decisions):
     """An ONNX Runtime session over a bundle's ``model.onnx`` (CPU, full graph optimisation)."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
@@ -19,6 +20,7 @@ class OnnxClassifier:
             raise BundleError(f"bundle {bundle.path} holds {bundle.info.model_file}, not an ONNX model")
         self.bundle = bundle
         self.classes = bundle.classes
+        self.decision = Decision.of_bundle(bundle)  # binary: the operating point chosen in training
         self.preprocessing = bundle.preprocessing
         self.session = open_session(bundle, intra_op_threads, inter_op_threads)
         self.threads = intra_op_threads
@@ -60,9 +62,46 @@ class OnnxClassifier:
         (probs,) = self.session.run([self.output_name], {self.input_name: batch})
         return np.asarray(probs, dtype=np.float32)
 
+    @property
+    def explainable(self) -> bool:
+        """Whether the bundle's graph has the class activation map output (``explain`` in bundle.json)."""
+        return bool((self.bundle.meta.get("explain") or {}).get("available"))
+
+    def check_explainable(self) -> None:
+        """BundleError with the reason bundle.json gives when the graph has no class activation maps."""
+        if not self.explainable:
+            reason = (self.bundle.meta.get("explain") or {}).get("reason", "it was exported before explanations existed")
+            raise BundleError(f"bundle {self.bundle.path} has no explain output ({reason}); explain the run directory instead (Grad-CAM in PyTorch)")
+
+    def run_with_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, C) uint8 -> ((N, classes) probabilities, (N, classes, h, w) raw class activation maps), one ORT call.
+
+        What the server batches for ``/explain``: the classes to explain depend on each image's
+        prediction, so every class's map comes back and the route picks. BundleError when the
+        bundle has no explain output.
+        """
+        self.check_explainable()
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        probs, cams = self.session.run([self.output_name, CAM_OUTPUT], {self.input_name: batch})
+        return np.asarray(probs, np.float32), np.asarray(cams, np.float32)
+
+    def explain(self, batch: np.ndarray, targets: list[list[int]]) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """(N, H, W, C) uint8 and class indices per image -> (probabilities, per image the (H, W) heatmap of each target).
+
+        BundleError when the bundle has no explain output (its reason is in bundle.json).
+        """
+        from pixelmill.explain import CAM_OUTPUT
+        from pixelmill.explain.heatmaps import heatmaps_from_cams
+
+        self.check_explainable()
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        probs, cams = self.session.run([self.output_name, CAM_OUTPUT], {self.input_name: batch})
+        size = self.input_shape[:2]
+        return np.asarray(probs, np.float32), [list(heatmaps_from_cams(cams[i, list(t)], size)) for i, t in enumerate(targets)]
+
     def predict(self, images: list[Any], top_k: int = 5) -> list[Prediction]:
         """Prepare, run as one batch and decode ``images``."""
         if not images:
             return []
         batch = np.stack([self.prepare(img) for img in images])
-        return to_predictions(self.run(batch), self.classes, top_k)
+        return self.decode(self.run(batch), top_k)

@@ -43,10 +43,17 @@ class MultiLabelClassification(ImageClassification):
         names = {name.strip().lower() for name in header}
         return {"path", "labels"} <= names
 
-    def check_model(self, cfg: Any) -> None:
-        super().check_model(cfg)
-        if cfg.eval.calibrate != "none":
-            raise ConfigError("eval.calibrate applies to single-label models; multi-label runs choose per-label thresholds (eval.threshold)")
+    def check_data(self, cfg: Any, data: Any) -> None:
+        """A sensitivity/specificity target the validation split cannot measure fails now, not after training."""
+        from pixelmill.errors import DataError
+        from pixelmill.evaluation.rules import check_feasible
+
+        if cfg.eval.positive_class:
+            raise ConfigError("eval.positive_class applies to binary models; a multi-label model has a threshold per label")
+        try:
+            check_feasible(str(cfg.eval.threshold), data.targets("val"), data.classes)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
 
     def load_data(self, cfg: Any, run_dir: Path | None = None) -> Any:
         from pixelmill.tasks.multilabel.data import load_scan
@@ -74,10 +81,15 @@ class MultiLabelClassification(ImageClassification):
         return sigmoid(logits)
 
     def choose_operating_point(self, run_dir: Path, net: Any, data: Any, prep: Any, cfg: Any) -> None:
-        from pixelmill.tasks.multilabel.training import choose_thresholds
+        from pixelmill.evaluation.rules import resolve
+        from pixelmill.tasks.classification import CALIBRATION_FILE
+        from pixelmill.tasks.multilabel.training import calibrate_labels, choose_thresholds
 
         loader = self.datamodule(cfg, data, prep).eval_loader("val")
-        choose_thresholds(run_dir, loader, data, net, str(cfg.eval.threshold))
+        (Path(run_dir) / CALIBRATION_FILE).unlink(missing_ok=True)  # a resumed run whose config dropped calibration
+        if cfg.eval.calibrate != "none":  # first: the thresholds are chosen on the calibrated probabilities
+            calibrate_labels(run_dir, net, loader, list(data.classes), str(cfg.eval.calibrate))
+        choose_thresholds(run_dir, loader, data, net, resolve(cfg.eval.threshold, "max_f1"))
 
     def evaluate(self, run_dir: Path, net: Any, data: Any, prep: Any, split: str, cfg: Any) -> dict[str, Any]:
         from pixelmill.tasks.multilabel.training import evaluate
@@ -85,18 +97,25 @@ class MultiLabelClassification(ImageClassification):
         return evaluate(run_dir, self.datamodule(cfg, data, prep).eval_loader(split), data, net, split, cfg.eval.bootstrap, cfg.seed)
 
     def export(self, run: Any, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Any:
+        import json
+
         import numpy as np
 
+        from pixelmill.tasks.classification import CALIBRATION_FILE
         from pixelmill.tasks.image_classification.data import check_images
         from pixelmill.tasks.image_classification.export import export
         from pixelmill.tasks.multilabel.data import load_scan
-        from pixelmill.tasks.multilabel.training import read_thresholds, sigmoid
+        from pixelmill.tasks.multilabel.training import calibrated_sigmoid, read_label_calibration, read_thresholds
 
         thresholds = read_thresholds(run.run_dir, run.classes)
+        calibration = read_label_calibration(run.run_dir, run.classes)  # eval.calibrate: in the graph, per label
         paths = check_images(run.config, run.run_dir, options["max_images"], load=load_scan)
         extra = {"thresholds": thresholds, "output": {"name": "probabilities", "shape": [-1, len(run.classes)], "activation": "sigmoid"}}
+        if calibration is not None:
+            method = json.loads((run.run_dir / CALIBRATION_FILE).read_text())["method"]
+            extra["calibration"] = {"method": method, **{k: dict(zip(run.classes, map(float, v))) for k, v in zip(("scale", "bias"), calibration)}}
         cut = np.array([thresholds[name] for name in run.classes])
-        return export(run, out, fmt, quantize, options, head=sigmoid, paths=paths, extra=extra, thresholds=cut)
+        return export(run, out, fmt, quantize, options, head=calibrated_sigmoid(calibration), paths=paths, extra=extra, thresholds=cut, load=load_scan)
 
     def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
         from pixelmill.tasks.multilabel.runtime import OnnxMultiLabel

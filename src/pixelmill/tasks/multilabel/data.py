@@ -39,7 +39,6 @@ from pixelmill.data.scan import (
     verify_files,
 )
 from pixelmill.errors import ConfigError, DataError
-from pixelmill.evaluation.rules import check_feasible
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +99,11 @@ def load_scan(cfg: Any) -> MultiLabelScan:
         test_ratio=data.test_ratio,
         seed=cfg.seed,
         group_column=data.group_column,
+        cache=data.scan_cache,
     )
     if not scan.splits.get("val"):
         raise DataError("no validation images: add rows with split=val to the manifest or set data.val_ratio above 0")
     check_leakage(scan, data.leakage)
-    try:  # a sensitivity/specificity target the validation split cannot measure fails now, not after training
-        check_feasible(str(cfg.eval.threshold), scan.targets("val"), scan.classes)
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
     return scan
 
 
@@ -122,8 +118,10 @@ def scan_manifest(
     seed: int = 42,
     classes: list[str] | None = None,
     group_column: str | None = None,
+    cache: bool = True,
 ) -> MultiLabelScan:
-    """Read, verify and split a multi-label manifest. ``classes`` fixes the label set (a trained run's)."""
+    """Read, verify and split a multi-label manifest. ``classes`` fixes the label set (a trained run's);
+    ``cache``: reuse the scan cache's verdicts of unchanged files."""
     check_ratios(val_ratio, test_ratio)
     manifest = os.path.abspath(os.fspath(path))
     if layout not in ("auto", "csv"):
@@ -156,7 +154,7 @@ def scan_manifest(
             f"fill the labels column, joining several with '{separator}'"
         )
 
-    checks = verify_files([row.path for row in rows])
+    checks = verify_files([row.path for row in rows], cache=cache)
     good = [(row, digest) for row, (reason, digest) in zip(rows, checks) if reason is None]
     bad = [BadFile(row.path, reason) for row, (reason, _) in zip(rows, checks) if reason is not None]
     check_usable(len(good), bad)

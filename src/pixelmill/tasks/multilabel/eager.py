@@ -8,7 +8,7 @@ from pixelmill.export.onnx import UInt8Classifier
 from pixelmill.runs import resolve_run_dir
 from pixelmill.tasks.image_classification.eager import TorchClassifier
 from pixelmill.tasks.multilabel.runtime import LabelSets
-from pixelmill.tasks.multilabel.training import read_thresholds, sigmoid
+from pixelmill.tasks.multilabel.training import calibrated_sigmoid, read_label_calibration, read_thresholds
 
 
 class TorchMultiLabel(LabelSets, TorchClassifier):
@@ -16,5 +16,6 @@ class TorchMultiLabel(LabelSets, TorchClassifier):
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
         super().__init__(run_dir, checkpoint)
-        self._model = UInt8Classifier(self._model.net, self.preprocessing, sigmoid).eval()
-        self.thresholds = read_thresholds(resolve_run_dir(run_dir), self.classes)
+        run_dir = resolve_run_dir(run_dir)
+        self._model = UInt8Classifier(self._model.net, self.preprocessing, calibrated_sigmoid(read_label_calibration(run_dir, self.classes))).eval()
+        self.thresholds = read_thresholds(run_dir, self.classes)

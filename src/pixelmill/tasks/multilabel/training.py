@@ -16,7 +16,7 @@ from pixelmill import runs
 from pixelmill.data.datamodule import ImageDataModule
 from pixelmill.data.images import SeededSampler
 from pixelmill.errors import RunError
-from pixelmill.tasks.classification import module_options, predict_logits
+from pixelmill.tasks.classification import CALIBRATION_FILE, module_options, predict_logits
 from pixelmill.tasks.multilabel.data import rarest_label
 from pixelmill.training.module import ClassificationModule
 
@@ -120,17 +120,92 @@ def lightning_module(cfg: Any, net: torch.nn.Module, data: Any) -> MultiLabelMod
     return MultiLabelModule(net, num_classes=len(data.classes), pos_weight=weights, **module_options(cfg))
 
 
-def predict_probs(net: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(targets (N, L), probabilities (N, L)) for every batch of ``loader``."""
+Calibration = tuple[np.ndarray, np.ndarray]  # per label (scale, bias): probabilities are sigmoid(scale * logit + bias)
+
+
+def calibrated_sigmoid(calibration: Calibration | None):
+    """The multi-label head: sigmoid(scale * logits + bias) per label (eval.calibrate); plain sigmoid without calibration."""
+    if calibration is None:
+        return sigmoid
+    scale, bias = (torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in calibration)
+    return lambda logits: torch.sigmoid(logits.float() * scale + bias)
+
+
+def predict_probs(net: torch.nn.Module, loader, calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(targets (N, L), probabilities (N, L)) for every batch of ``loader``, calibrated when ``calibration`` is given."""
     y, logits = predict_logits(net, loader)
-    return y.astype(np.float32), sigmoid(torch.from_numpy(logits)).numpy()
+    return y.astype(np.float32), calibrated_sigmoid(calibration)(torch.from_numpy(logits)).numpy()
+
+
+def fit_label_calibration(logits: np.ndarray, y: np.ndarray, method: str) -> Calibration:
+    """Per label (scale, bias) minimising that label's binary cross-entropy on ``logits`` (N, L) and 0/1 ``y``.
+
+    ``temperature``: a scale 1/T and no bias (temperature scaling, Guo et al. 2017, per sigmoid).
+    ``platt``: scale and bias (Platt scaling; scikit-learn's ``CalibratedClassifierCV(method="sigmoid")``
+    fits the same model one classifier at a time, on scores, not inside a network's graph).
+    A label without both positives and negatives keeps (1, 0): there is nothing to fit. The labels
+    are independent problems, solved together by L-BFGS on log scale (and bias).
+    """
+    z, target = torch.from_numpy(logits).double(), torch.from_numpy(np.asarray(y, dtype=np.float64))
+    fittable = ((target.sum(0) > 0) & (target.sum(0) < len(target))).double()
+    log_scale = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=method == "platt")
+    params = [log_scale, bias] if method == "platt" else [log_scale]
+    optimizer = torch.optim.LBFGS(params, lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        losses = F.binary_cross_entropy_with_logits(z * log_scale.exp() + bias, target, reduction="none").mean(0)
+        loss = (losses * fittable).sum()  # separable: each label follows its own loss
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    keep = fittable.numpy() > 0
+    return np.where(keep, log_scale.exp().detach().numpy(), 1.0), np.where(keep, bias.detach().numpy(), 0.0)
+
+
+def fit_label_temperatures(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One temperature per label (1 / the scale of ``fit_label_calibration(..., "temperature")``)."""
+    return 1.0 / fit_label_calibration(logits, y, "temperature")[0]
+
+
+def calibrate_labels(run_dir: Path, net: torch.nn.Module, loader, classes: list[str], method: str) -> Calibration:
+    """``eval.calibrate`` for a multi-label run: per-label scale and bias on val, written to RUN_DIR/calibration.json."""
+    from pixelmill.evaluation.multilabel import label_calibration_error
+
+    y, logits = predict_logits(net, loader)
+    scale, bias = fit_label_calibration(logits, y, method)
+    before, after = (calibrated_sigmoid(c)(torch.from_numpy(logits)).numpy() for c in (None, (scale, bias)))
+    record: dict[str, Any] = {
+        "method": method, "scale": dict(zip(classes, map(float, scale))), "bias": dict(zip(classes, map(float, bias))),
+        "split": "val", "n": len(y), "ece_before": label_calibration_error(y, before), "ece_after": label_calibration_error(y, after),
+    }
+    if method == "temperature":
+        record["temperatures"] = {name: 1.0 / a for name, a in record["scale"].items()}
+    runs.write_atomic(Path(run_dir) / CALIBRATION_FILE, json.dumps(record, indent=2) + "\n")
+    log.info("%s calibration per label on %d val images: ECE %.4f -> %.4f", method, len(y), record["ece_before"], record["ece_after"])
+    if record["ece_after"] > record["ece_before"] and method == "temperature":
+        log.warning("temperature scaling raised the val ECE (a label's probabilities are shifted, not only too sharp); eval.calibrate=platt also fits a bias")
+    return scale, bias
+
+
+def read_label_calibration(run_dir: Path, classes: list[str]) -> Calibration | None:
+    """The run's per-label (scale, bias) in label order, None when it was not calibrated."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    scale, bias = record.get("scale") or {}, record.get("bias") or {}
+    return np.array([float(scale.get(name, 1.0)) for name in classes]), np.array([float(bias.get(name, 0.0)) for name in classes])
 
 
 def choose_thresholds(run_dir: Path, loader, data: Any, net: torch.nn.Module, rule: str) -> dict[str, float]:
     """Pick one threshold per label on the validation loader by ``rule``; write RUN_DIR/thresholds.json."""
     from pixelmill.evaluation.multilabel import choose_thresholds as choose
 
-    y_true, probs = predict_probs(net, loader)
+    y_true, probs = predict_probs(net, loader, read_label_calibration(run_dir, data.classes))  # thresholds on what the bundle returns
     thresholds = {name: float(t) for name, t in zip(data.classes, choose(y_true, probs, rule))}
     record = {"rule": rule, "split": "val", "n": len(y_true), "thresholds": thresholds}
     runs.write_atomic(Path(run_dir) / THRESHOLDS_FILE, json.dumps(record, indent=2) + "\n")
@@ -155,10 +230,16 @@ def evaluate(run_dir: Path, loader, data: Any, net: torch.nn.Module, split: str,
     from pixelmill.evaluation.multilabel import write_multilabel_evaluation
 
     thresholds = read_thresholds(run_dir, data.classes)
-    y_true, probs = predict_probs(net, loader)
+    calibration = read_label_calibration(run_dir, data.classes)
+    y_true, logits = predict_logits(net, loader)
+    y_true = y_true.astype(np.float32)
+    probs = calibrated_sigmoid(calibration)(torch.from_numpy(logits)).numpy()
     paths = [path for path, _ in data.splits[split]]
     t = np.array([thresholds[c] for c in data.classes])
-    metrics = write_multilabel_evaluation(Path(run_dir) / "eval" / split, y_true, probs, t, data.classes, paths, bootstrap, seed)
+    metrics = write_multilabel_evaluation(
+        Path(run_dir) / "eval" / split, y_true, probs, t, data.classes, paths, bootstrap, seed,
+        uncalibrated=sigmoid(torch.from_numpy(logits)).numpy() if calibration is not None else None, calibration=calibration,
+    )
     evals = runs.load_summary(run_dir).eval
     evals[split] = {k: metrics.get(k) for k in HEADLINE} | {"n": len(y_true)}
     runs.update_summary(run_dir, eval=evals)

@@ -10,20 +10,23 @@ import pandas as pd
 import torch
 
 from pixelmill.data.tabular_preprocess import read_schema_file
-from pixelmill.inference.session import Prediction, to_predictions
-from pixelmill.runs import load_run
-from pixelmill.tasks.classification import softmax
+from pixelmill.inference.session import Decision, Decisions, Prediction
+from pixelmill.runs import load_run, read_decision
+from pixelmill.tasks.classification import read_temperature, tempered_softmax
 from pixelmill.tasks.tabular_classification.runtime import TabularSchemaView, rows_from_records
 
 
-class TorchTabularClassifier:
+class TorchTabularClassifier(Decisions):
     """Records or structured rows -> class probabilities through scikit-learn then eager PyTorch."""
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "best") -> None:
         run = load_run(run_dir, checkpoint)
         self._prep, self._net = run.preprocessing, run.net
+        self._head = tempered_softmax(read_temperature(run.run_dir))  # eval.calibrate, as evaluation and the bundle apply it
         self.schema = TabularSchemaView(read_schema_file(run.run_dir))
         self.classes = list(self.schema.classes)
+        decision = read_decision(run.run_dir)
+        self.decision = Decision(*decision) if decision else None
         self.preprocessing = run.summary.preprocessing
 
     def run(self, rows: np.ndarray) -> np.ndarray:
@@ -33,10 +36,10 @@ class TorchTabularClassifier:
             for name, kind in self.schema.columns.items()
         })
         with torch.inference_mode():
-            return softmax(self._net(torch.from_numpy(self._prep.transform(frame)))).numpy()
+            return self._head(self._net(torch.from_numpy(self._prep.transform(frame)))).numpy()
 
     def predict_records(self, records: Sequence[Any], top_k: int = 5) -> list[Prediction]:
-        return to_predictions(self.run(rows_from_records(records, self.schema)), self.classes, top_k) if records else []
+        return self.decode(self.run(rows_from_records(records, self.schema)), top_k) if records else []
 
     def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[Any]:
         """Every row of a CSV, read as strictly as training read it (the target column is optional)."""

@@ -26,7 +26,7 @@ from pixelmill.export.parity import agreement, verdict
 from pixelmill.export.writer import run_meta, staged
 from pixelmill.inference.session import open_onnx_file
 from pixelmill.runs import LoadedRun
-from pixelmill.tasks.classification import softmax
+from pixelmill.tasks.classification import read_temperature, tempered_softmax
 from pixelmill.tasks.tabular_classification.data import load_rows
 from pixelmill.tasks.tabular_classification.runtime import TabularSchemaView, feeds, rows_from_frame
 
@@ -49,8 +49,9 @@ def preprocessor_onnx(prep, opset: int):
         return convert_sklearn(prep.transformer, initial_types=initial, target_opset={"": opset, "ai.onnx.ml": ML_OPSET})
 
 
-def network_onnx(net, n_features: int, opset: int, path: Path):
-    """The MLP plus its softmax head as ONNX: ``features`` (N, F) float32 -> ``probabilities``, dynamic batch."""
+def network_onnx(net, n_features: int, opset: int, path: Path, temperature: float = 1.0):
+    """The MLP plus its softmax head (tempered by eval.calibrate) as ONNX: ``features`` (N, F) float32 -> ``probabilities``, dynamic batch."""
+    head = tempered_softmax(temperature)
     import onnx
 
     class Probabilities(nn.Module):
@@ -59,7 +60,7 @@ def network_onnx(net, n_features: int, opset: int, path: Path):
             self.net = inner.eval()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return softmax(self.net(x))  # (N, F) features -> (N, num_classes)
+            return head(self.net(x))  # (N, F) features -> (N, num_classes)
 
     sample = torch.zeros(2, n_features)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -105,10 +106,10 @@ def check_rows(cfg: Any, run_dir: Path, limit: int = 256):
     return frame.iloc[::step].iloc[:limit].reset_index(drop=True)
 
 
-def reference(net: nn.Module, prep, frame) -> np.ndarray:
+def reference(net: nn.Module, prep, frame, temperature: float = 1.0) -> np.ndarray:
     """scikit-learn transform + eager PyTorch: what evaluation computed."""
     with torch.inference_mode():
-        return softmax(net.eval()(torch.from_numpy(prep.transform(frame)))).numpy()
+        return tempered_softmax(temperature)(net.eval()(torch.from_numpy(prep.transform(frame)))).numpy()
 
 
 def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: dict[str, Any]) -> Bundle:
@@ -119,9 +120,10 @@ def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: d
     schema_doc = read_schema_file(run.run_dir)
     view = TabularSchemaView(schema_doc)
     frame = check_rows(run.config, run.run_dir, max(options["max_images"], 256))
-    expected = reference(run.net, prep, frame)
+    temperature = read_temperature(run.run_dir)  # eval.calibrate: the temperature lives in the graph
+    expected = reference(run.net, prep, frame, temperature)
     with staged(out) as work:
-        net_model = network_onnx(run.net, prep.n_features, opset, work / "net.onnx")
+        net_model = network_onnx(run.net, prep.n_features, opset, work / "net.onnx", temperature)
         (work / "net.onnx").unlink()
         onnx.save(merge(preprocessor_onnx(prep, opset), net_model, opset), str(work / "model.onnx"))
         session = open_onnx_file(work / "model.onnx")
@@ -139,6 +141,8 @@ def export(run: LoadedRun, out: Path, fmt: str, quantize: str | None, options: d
             "preprocessing": run.summary.preprocessing,
             "export": {"format": "onnx", "opset": opset, "quantize": None, "reference": "scikit-learn + PyTorch", **figures},
         }
+        if temperature != 1.0:
+            meta["calibration"] = {"method": "temperature", "temperature": temperature}
         write_bundle(work, meta, ["model.onnx"])
     log.info("exported %s: top-1 agreement %.2f%%, max |diff| %.2e on %d rows",
              out, 100 * figures["top1_agreement"], figures["max_abs_diff"], figures["checked_images"])

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from pixelmill.data.tabular import TabularSchema, read_csv, typed_features
 from pixelmill.errors import ConfigError
-from pixelmill.inference.session import Prediction, to_predictions
+from pixelmill.inference.session import Prediction
 from pixelmill.tasks.base import PredictionTable
 from pixelmill.tasks.tabular_classification.runtime import rows_from_frame
 
@@ -34,7 +34,7 @@ def predict_csv(runtime: Any, path: str | Path, top_k: int = 5, batch_size: int 
     out: list[TableRow] = []
     for start in range(0, len(rows), size):
         probs = runtime.run(rows[start : start + size])
-        out += [TableRow(start + i + 1, sources[start + i], p) for i, p in enumerate(to_predictions(probs, runtime.classes, top_k))]
+        out += [TableRow(start + i + 1, sources[start + i], p) for i, p in enumerate(runtime.decode(probs, top_k))]
     return out
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from pixelmill.errors import BundleError, DataError
 from pixelmill.export.bundle import Bundle
-from pixelmill.inference.session import Prediction, open_session, to_predictions
+from pixelmill.inference.session import Decision, Decisions, Prediction, open_session
 
 # ONNX / structured-array element type per schema column type.
 INPUT_DTYPES = {"numeric": "float32", "boolean": "float32", "categorical": "string"}
@@ -128,7 +128,7 @@ def feeds(rows: np.ndarray, schema: TabularSchemaView) -> dict[str, np.ndarray]:
     return out
 
 
-class OnnxTabularClassifier:
+class OnnxTabularClassifier(Decisions):
     """An ONNX Runtime session over a tabular bundle: records in, class probabilities out."""
 
     def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
@@ -137,6 +137,7 @@ class OnnxTabularClassifier:
         self.bundle = bundle
         self.schema = TabularSchemaView(bundle.meta["schema"])
         self.classes = bundle.classes
+        self.decision = Decision.of_bundle(bundle)  # binary: the operating point chosen in training
         self.preprocessing = bundle.info.preprocessing
         self.session = open_session(bundle, intra_op_threads, inter_op_threads)
         self.output_name = bundle.output_name
@@ -162,7 +163,7 @@ class OnnxTabularClassifier:
         """Validate ``records`` against the schema, run them as one batch and decode."""
         if not records:
             return []
-        return to_predictions(self.run(rows_from_records(records, self.schema)), self.classes, top_k)
+        return self.decode(self.run(rows_from_records(records, self.schema)), top_k)
 
     def predict_csv(self, path: str | Path, top_k: int = 5, batch_size: int = 1024) -> list[Any]:
         """Every row of a CSV, read as strictly as training read it (the target column is optional)."""

@@ -16,7 +16,6 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from pixelmill.errors import DataError
-from pixelmill.inference.session import to_predictions
 from pixelmill.serving.schemas import InferInput, InferRequest, RecordPrediction, RecordsPredictResponse, TensorSpec
 from pixelmill.tasks.tabular_classification.runtime import TabularSchemaView, rows_from_records
 
@@ -148,9 +147,15 @@ async def native_inputs(request: Request, media_type: str, engine: Any, settings
     return list(range(len(rows))), rows
 
 
-def native_response(engine: Any, ids: list[int], probs: np.ndarray, top_k: int) -> JSONResponse:
-    """Per record: the label, its confidence, the top-k and every class's probability."""
-    predictions = to_predictions(probs, engine.classes, top_k)
+takes_threshold = True  # /predict?threshold= moves a binary model's operating point (a 422 for other models)
+
+
+def native_response(engine: Any, ids: list[int], probs: np.ndarray, top_k: int, threshold: float | None = None) -> JSONResponse:
+    """Per record: the label (a binary model's at its threshold), its confidence, the top-k and every class's probability."""
+    try:
+        predictions = engine.classifier.decode(probs, top_k, threshold)
+    except DataError as exc:
+        raise HTTPException(422, str(exc)) from None
     body = RecordsPredictResponse(
         model=engine.bundle.name,
         version=engine.version,
