@@ -149,3 +149,16 @@ def assert_two_workers_open_one_new_study(url: str) -> None:
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0], f"{url}: a worker could not open the new study"
     assert len(optuna.get_all_study_summaries(url)) == 1
+
+
+def stop_process_group(proc: subprocess.Popen, first: int = signal.SIGTERM) -> None:
+    """Send ``first`` to the process group (a server and its workers), wait up to 30 s, then SIGKILL what is left."""
+    import contextlib
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, first)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

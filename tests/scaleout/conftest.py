@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, stop_process_group
 
 SERVER_USER = "nobody"  # exists on every Debian/Ubuntu system; needs no useradd
 
@@ -78,17 +78,6 @@ def _wait_ready(bin_dir: Path, proc: subprocess.Popen, port: int, log: Path, tim
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Fast shutdown of the postmaster and its backends (one process group); kill them if that hangs."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """A fresh PostgreSQL cluster on 127.0.0.1 (trust auth, user ``postgres``), removed after the session."""
@@ -121,5 +110,5 @@ def postgres() -> Iterator[Postgres]:
         yield Postgres(port=port)
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_process_group(proc, signal.SIGINT)  # postgres: fast shutdown
         shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,6 @@ The server stores runs in the private PostgreSQL of ``conftest.py`` and artifact
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from helpers import clean_env, fast_train_overrides, free_port, serve_process
+from helpers import clean_env, fast_train_overrides, free_port, serve_process, stop_process_group
 
 PIXELMILL = [sys.executable, "-m", "pixelmill.cli"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -30,19 +29,6 @@ MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 class MlflowServer:
     url: str
     artifacts: Path
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (a server and its workers, a training and its loader workers), then SIGKILL what is left."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +56,7 @@ def mlflow_server(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             time.sleep(0.2)
         yield MlflowServer(url=url, artifacts=artifacts)
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
 
 
 def _train_args(digits_root: Path, out: Path, server: MlflowServer, *extra: str, epochs: int = 2) -> list[str]:
@@ -106,7 +92,7 @@ def server_runs(mlflow_server: MlflowServer, digits_root: Path, tmp_path_factory
         codes = [p.wait(timeout=600) for p in procs]
     finally:
         for p in procs:
-            _stop_group(p)
+            stop_process_group(p)
     assert codes == [0, 0], [(root / f"{name}.log").read_text()[-3000:] for name in ("a", "b")]
     assert not (root / "mlruns.db").exists() and not (root / "mlartifacts").exists(), "nothing may fall back to local MLflow files"
     return [root / "runs" / "default" / name for name in ("a", "b")]
@@ -149,7 +135,7 @@ def test_killed_and_resumed_run_continues_its_server_run_without_gaps(mlflow_ser
         os.killpg(proc.pid, signal.SIGKILL)  # mid-run: no chance to close the MLflow run
         proc.wait()
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
     run_id = _summary(run_dir)["trackers"]["mlflow"]
     client = MlflowClient(tracking_uri=mlflow_server.url)
     assert client.get_run(run_id).info.status == "RUNNING"

@@ -90,14 +90,11 @@ class OnnxClassifier(Decisions):
 
         BundleError when the bundle has no explain output (its reason is in bundle.json).
         """
-        from pixelmill.explain import CAM_OUTPUT
         from pixelmill.explain.heatmaps import heatmaps_from_cams
 
-        self.check_explainable()
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        probs, cams = self.session.run([self.output_name, CAM_OUTPUT], {self.input_name: batch})
+        probs, cams = self.run_with_cams(batch)
         size = self.input_shape[:2]
-        return np.asarray(probs, np.float32), [list(heatmaps_from_cams(cams[i, list(t)], size)) for i, t in enumerate(targets)]
+        return probs, [list(heatmaps_from_cams(cams[i, list(t)], size)) for i, t in enumerate(targets)]
 
     def predict(self, images: list[Any], top_k: int = 5) -> list[Prediction]:
         """Prepare, run as one batch and decode ``images``."""
