@@ -44,6 +44,7 @@ test: install browser postgres lint
 
 # Every claim in benchmarks/ measured on this machine (~20 min); rewrites benchmarks/RESULTS.md.
 bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 # Only the fault and bad-input cases; the table (case, tried, passed) prints at the end. The server soak runs 60 s here.

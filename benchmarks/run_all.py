@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # Serving last: it depends on `pixelmill serve` and is the longest.
 SCRIPTS = ("startup", "train_overhead", "train_end_to_end", "data_pipeline", "inference", "serving")
-PACKAGES = ("torch", "torchvision", "lightning", "timm", "onnxruntime", "onnx", "pillow", "numpy", "fastapi", "uvicorn", "mlflow")
+PACKAGES = ("torch", "torchvision", "lightning", "timm", "onnxruntime", "onnx", "pillow", "numpy", "fastapi", "uvicorn", "mlflow", "litserve")
 
 
 def machine() -> list[tuple[str, str]]:

@@ -13,6 +13,19 @@ in this process), for a fixed time each; dynamic batching on (the defaults: up t
   tensors, not image files, so each request carries the already-prepared (1, 224, 224, 3)
   uint8 tensor as JSON ``{"inputs": {"image": ...}}`` - the client does the decoding for it.
 
+- LitServe (``benchmarks/_litserve_peer.py``, the ``bench`` extra): the same bundle behind
+  ``litserve.LitServer``, doing the same work per request (the multipart upload decoded and
+  prepared by pixelmill's own ``decode_image``, ONNX Runtime on all CPUs, top-k JSON) with
+  the same batching (32 images, 5 ms). It and ``pixelmill serve`` run side by side at 32
+  clients and take turns in rounds; the one not being measured is paused (SIGSTOP), so
+  neither pays for the other's idle work (LitServe's batching loop polls its queue every
+  millisecond). The claim is the median round's ratio. The full run repeats the comparison
+  with the small CNN at 64 px (no target), where inference is cheap and each server's own
+  work per request (HTTP, multipart, batching, answers) decides.
+- Memory: RSS of the ``pixelmill serve`` process and its children serving the bundle once,
+  and under four names (``pixelmill serve a=BUNDLE b=BUNDLE c=BUNDLE d=BUNDLE``), each model
+  warmed up with a few requests first.
+
 All load goes to 127.0.0.1, bounded in time and request count; servers are stopped at the end.
 """
 
@@ -22,6 +35,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Report, header, parse_args, pixelmill_bin, quiet  # noqa: E402
+from _common import Report, header, interleave, median, parse_args, pixelmill_bin, quiet  # noqa: E402
 from _fixtures import cached_bundle, train_and_export  # noqa: E402
 from _photos import photo_dir  # noqa: E402
 
@@ -76,18 +90,51 @@ def in_process_limit(bundle: Path, images: list[bytes], seconds: float) -> float
     return done / (time.perf_counter() - start)
 
 
-class Server:
-    """A server subprocess on 127.0.0.1, stopped (SIGTERM, then SIGKILL) on exit."""
+def tree_rss(pid: int) -> int:
+    """Bytes of RSS of process ``pid`` and all its descendants (pages that forked processes share count in each)."""
+    import psutil
 
-    def __init__(self, cmd: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 120.0):
-        self.cmd, self.ready_url, self.timeout = cmd, ready_url, timeout
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class Server:
+    """A server subprocess on 127.0.0.1, stopped (SIGTERM, then SIGKILL) on exit.
+
+    ``group=True`` starts it in a process group of its own: :meth:`pause` and :meth:`resume`
+    then stop and continue all its processes, and whatever of the group outlives the server
+    process is killed on exit.
+    """
+
+    def __init__(self, cmd: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 120.0, group: bool = False):
+        self.cmd, self.ready_url, self.timeout, self.group = cmd, ready_url, timeout, group
         self.env = {**os.environ, **(env or {})}
         self.log = tempfile.TemporaryFile()
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def rss(self) -> int:
+        """Bytes of RSS of the server process and its children."""
+        return tree_rss(self.proc.pid)
 
     def __enter__(self) -> Server:
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=self.group)
         start = time.perf_counter()
         while True:
             if self.proc.poll() is not None:
@@ -105,12 +152,22 @@ class Server:
             time.sleep(0.1)
 
     def __exit__(self, *exc) -> None:
+        if self.group:
+            try:
+                self.resume()
+            except ProcessLookupError:
+                pass
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its children, had any outlived it
+            except ProcessLookupError:
+                pass
         self.log.close()
 
 
@@ -156,13 +213,8 @@ def load(report: Report, label: str, url: str, make_body, clients: int, seconds:
     return rps
 
 
-def pixelmill_levels(report: Report, bundle: Path, images: list[bytes], levels: list[int], seconds: float, batching: bool) -> dict[int, float]:
-    port = free_port()
-    env = {} if batching else {"PIXELMILL_MAX_BATCH_SIZE": "1", "PIXELMILL_MAX_DELAY_MS": "0"}
-    env["PIXELMILL_LOG_LEVEL"] = "warning"
-    cmd = [pixelmill_bin(), "serve", str(bundle), "--port", str(port)]
-    url = f"http://127.0.0.1:{port}"
-    label = f"pixelmill serve, batching {'on' if batching else 'off'}"
+def multipart(images: list[bytes]):
+    """Request ``i``'s body: image ``i`` (round robin) as a multipart file in the field ``files``, as ``/predict`` takes it."""
 
     def body(i: int) -> dict:
         import aiohttp
@@ -171,12 +223,112 @@ def pixelmill_levels(report: Report, bundle: Path, images: list[bytes], levels: 
         form.add_field("files", images[i % len(images)], filename=f"{i}.jpg", content_type="image/jpeg")
         return {"data": form}
 
+    return body
+
+
+def pixelmill_levels(report: Report, bundle: Path, images: list[bytes], levels: list[int], seconds: float, batching: bool) -> dict[int, float]:
+    port = free_port()
+    env = {} if batching else {"PIXELMILL_MAX_BATCH_SIZE": "1", "PIXELMILL_MAX_DELAY_MS": "0"}
+    env["PIXELMILL_LOG_LEVEL"] = "warning"
+    cmd = [pixelmill_bin(), "serve", str(bundle), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    label = f"pixelmill serve, batching {'on' if batching else 'off'}"
     out = {}
     with Server(cmd, f"{url}/v2/health/ready", env) as server:
         report.figure(f"{label}: start to ready", server.ready_s, "s")
         for clients in levels:
-            out[clients] = load(report, label, f"{url}/predict", body, clients, seconds, max_requests=20_000)
+            out[clients] = load(report, label, f"{url}/predict", multipart(images), clients, seconds, max_requests=20_000)
     return out
+
+
+def litserve_level(
+    report: Report, bundle: Path, images: list[bytes], clients: int, seconds: float, rounds: int, target: float | None = 1.2, label: str = ""
+) -> float | None:
+    """Median over ``rounds`` of pixelmill serve / LitServe requests/s at ``clients`` connections; None without LitServe.
+
+    Both servers run the whole time; after an unrecorded warm-up each side gets ``seconds`` of
+    load per round (the order alternates) while the other one is paused.
+    """
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        report.note("LitServe is not installed (pip install -e '.[bench]'): the LitServe comparison did not run")
+        return None
+    pm_port, ls_port = free_port(), free_port()
+    pm_url, ls_url = f"http://127.0.0.1:{pm_port}", f"http://127.0.0.1:{ls_port}"
+    pm_cmd = [pixelmill_bin(), "serve", str(bundle), "--port", str(pm_port)]
+    ls_cmd = [sys.executable, str(Path(__file__).resolve().with_name("_litserve_peer.py")), str(bundle), str(ls_port)]
+    body = multipart(images)
+    latencies: dict[str, list[float]] = {"pixelmill serve": [], "LitServe": []}
+    with Server(pm_cmd, f"{pm_url}/v2/health/ready", {"PIXELMILL_LOG_LEVEL": "warning"}, group=True) as pm, Server(ls_cmd, f"{ls_url}/health", group=True) as peer:
+        report.figure("LitServe: start to ready", peer.ready_s, "s")
+        servers = {"pixelmill serve": (pm, f"{pm_url}/predict"), "LitServe": (peer, f"{ls_url}/predict")}
+        for server, _ in servers.values():
+            server.pause()
+
+        def side(name: str, duration: float):
+            def measure() -> list[float]:
+                server, url = servers[name]
+                server.resume()
+                try:
+                    n, elapsed, lat = asyncio.run(_load(url, body, clients, duration, max_requests=20_000))
+                finally:
+                    server.pause()
+                latencies[name] += lat
+                return [n / elapsed]
+
+            return measure
+
+        for name in servers:  # unrecorded: full batches once, so both sessions have grown their buffers to 32 images
+            side(name, min(seconds, 1.0))()
+            latencies[name].clear()
+        rps = interleave({name: side(name, seconds) for name in servers}, rounds)
+        report.figure("LitServe: RSS after the rounds, all its processes", peer.rss() / 2**20, "MiB")
+    for side_name, values in rps.items():
+        lat = np.asarray(latencies[side_name]) * 1000
+        report.figure(
+            f"{side_name}{label} (alternating with {'LitServe' if side_name == 'pixelmill serve' else 'pixelmill serve'}), {clients} clients", median(values), "requests/s",
+            p50_ms=round(float(np.percentile(lat, 50)), 1), p99_ms=round(float(np.percentile(lat, 99)), 1), rounds=rounds, per_round="/".join(f"{v:.0f}" for v in values),
+        )
+    ratios = [a / b for a, b in zip(rps["pixelmill serve"], rps["LitServe"])]
+    name = f"serving {clients} clients{label}: pixelmill / LitServe requests/s (median round)"
+    note = f"per round {min(ratios):.2f}-{max(ratios):.2f}; same bundle, work and batching (32 images, 5 ms)"
+    if target is None:
+        report.figure(name, median(ratios), "x", note=note)
+    else:
+        report.ratio(name, median(ratios), target, note=note)
+    return median(ratios)
+
+
+def memory_per_model(report: Report, bundle: Path, images: list[bytes], warmup: int = 4) -> None:
+    """RSS of ``pixelmill serve`` (process and children) serving the bundle once, then under four names."""
+    import httpx
+
+    names = ["a", "b", "c", "d"]
+    rss = {}
+    for count, specs, routes in (
+        (1, [str(bundle)], ["/predict"]),
+        (4, [f"{name}={bundle}" for name in names], [f"/models/{name}/predict" for name in names]),
+    ):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [pixelmill_bin(), "serve", *specs, "--port", str(port)]
+        try:
+            with Server(cmd, f"{url}/v2/health/ready", {"PIXELMILL_LOG_LEVEL": "warning"}, timeout=60) as server:
+                with httpx.Client(timeout=30) as client:
+                    for route in routes:
+                        for i in range(warmup):
+                            resp = client.post(f"{url}{route}", files={"files": (f"{i}.jpg", images[i % len(images)], "image/jpeg")})
+                            if resp.status_code != 200:
+                                raise RuntimeError(f"POST {route}: HTTP {resp.status_code}: {resp.text[:200]}")
+                rss[count] = server.rss() / 2**20
+        except RuntimeError as exc:
+            report.note(f"`pixelmill serve` with {count} model(s) ({' '.join(['pixelmill', 'serve', *(s.replace(str(bundle), 'BUNDLE') for s in specs)])}) "
+                        f"did not serve: {str(exc).splitlines()[-1][:300]}; no memory row")
+            return
+        report.figure(f"`pixelmill serve` RSS, {count} model{'s' if count > 1 else ''}, after {warmup} requests to each", rss[count], "MiB")
+    report.figure("`pixelmill serve` RSS per model beyond the first", (rss[4] - rss[1]) / 3, "MiB")
+    report.figure("`pixelmill serve` RSS, 4 models / 1 model (4 single-model servers: 4)", rss[4] / rss[1], "x")
 
 
 def mlflow_level(report: Report, bundle: Path, images: list[bytes], work: Path, clients: int, seconds: float) -> float:
@@ -232,6 +384,12 @@ def main() -> None:
             pixelmill_levels(report, bundle, images, levels, seconds, batching=False)
             mlflow = mlflow_level(report, bundle, images, work, 32, seconds)
             report.ratio("serving 32 clients: pixelmill / mlflow models serve requests/s", on[32] / mlflow, 5.0)
+        litserve_level(report, bundle, images, 32, 1.0 if args.quick else 4.0, rounds=2 if args.quick else 4)
+        if not args.quick:
+            # The same at 64 px, where inference is cheap and the servers' own work per request shows (no target).
+            small = cached_bundle("small_cnn", 64)
+            litserve_level(report, small, payloads(64), 32, 4.0, rounds=4, target=None, label=" at 64 px")
+        memory_per_model(report, bundle, images)
         top = max(levels)
         report.ratio(f"serving {top} clients: pixelmill serve requests/s / in-process images/s", on[top] / limit, 0.7)
     report.finish(args.json)

@@ -231,7 +231,8 @@ def test_a_killed_cross_validation_resumes_at_the_fold_it_stopped_in(small_digit
     assert json.loads((fold1 / "summary.json").read_text())["finished_at"] == fold1_finished
     # Fold 2 was killed after its first of 3 epochs; the same run went on from that checkpoint.
     resumed = json.loads((fold2 / "summary.json").read_text())
-    assert stopped["status"] == "running" and stopped["epochs_completed"] < 3
+    # The kill may land between the checkpoint save and the summary update that counts the epoch.
+    assert stopped["status"] == "running" and stopped.get("epochs_completed", 0) < 3
     assert resumed["created_at"] == stopped["created_at"] and resumed["epochs_completed"] == 3
     assert "Restored all states from the checkpoint" in (fold2 / "train.log").read_text()
     assert json.loads((out / "default" / "r" / "cv.json").read_text())["status"] == "finished"

@@ -604,20 +604,30 @@ def registry_promote(
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="A bundle directory, a run directory (its bundle/), models:/NAME@ALIAS or models:/NAME/VERSION."),
+    models: List[str] = typer.Argument(
+        ...,
+        metavar="SPEC...",
+        help="[NAME[:VERSION]=]SOURCE, repeatable: a bundle, a run directory (its bundle/), models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, or a folder of bundles (NAME/VERSION/bundle.json).",
+    ),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1, or $PIXELMILL_HOST)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000, or $PIXELMILL_PORT)."),
     workers: Optional[int] = typer.Option(None, help="uvicorn worker processes, one ONNX Runtime session each (default 1, or $PIXELMILL_WORKERS)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store for models:/ URIs."),
+    traffic: Optional[List[str]] = typer.Option(None, "--traffic", help="Split a name's traffic by weight: NAME=VERSION:WEIGHT,VERSION:WEIGHT (sum 100). Repeatable."),
+    shadow: Optional[List[str]] = typer.Option(None, "--shadow", help="NAME=VERSION gets a copy of NAME's requests; its answers are compared and counted only. Repeatable."),
 ) -> None:
-    """Serve a bundle over HTTP on ONNX Runtime: /predict, Open Inference Protocol v2 (/v2), /metrics, /docs.
+    """Serve bundles over HTTP on ONNX Runtime: /predict, Open Inference Protocol v2 (/v2), /metrics, /docs.
 
-    Every other setting comes from PIXELMILL_* variables (PIXELMILL_API_TOKEN, PIXELMILL_MAX_BATCH_SIZE, ...).
+    Several SPECs serve several models (or versions of one) in one server; SIGHUP or
+    POST /v2/repository/models/NAME/load resolves models:/NAME@ALIAS again without dropping a request.
+    Every other setting comes from PIXELMILL_* variables (PIXELMILL_API_TOKEN, PIXELMILL_PROVIDERS, ...).
     """
     from pixelmill.serving.server import serve as run_server
     from pixelmill.serving.settings import load_settings
 
-    run_server(load_settings(model=model, host=host, port=port, workers=workers, tracking_uri=tracking_uri))
+    given = dict(models=list(models), host=host, port=port, workers=workers, tracking_uri=tracking_uri, traffic=traffic or None, shadow=shadow or None)
+    run_server(load_settings(**given))
 
 
 @app.command()

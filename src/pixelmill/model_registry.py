@@ -389,12 +389,22 @@ def resolve_model(uri_or_path: str | Path, tracking_uri: str | None = None, cach
     Registered versions are downloaded once to ``cache_dir`` (default :func:`cache_root`),
     keyed by store, name and version; a cached copy is re-verified on every call.
     """
+    return resolve_model_version(uri_or_path, tracking_uri, cache_dir)[0]
+
+
+def resolve_model_version(
+    uri_or_path: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None
+) -> tuple[Path, VersionInfo | None]:
+    """:func:`resolve_model` plus the registered version a ``models:/`` URI pointed at (None for a path).
+
+    A server that re-resolves ``models:/NAME@ALIAS`` on reload learns from it which version it now serves.
+    """
     text = str(uri_or_path)
     if not text.startswith("models:/"):
         path = Path(text).expanduser()
         for candidate in (path, path / BUNDLE_ARTIFACT_PATH):
             if (candidate / BUNDLE_FILE).is_file():
-                return read_bundle(candidate).path
+                return read_bundle(candidate).path, None
         raise BundleError(f"'{path}' is neither a bundle nor a run with a bundle; run `pixelmill export RUN_DIR` first")
     store = tracking_uri_for(None, tracking_uri)
     info = get_version(text, store)
@@ -404,11 +414,11 @@ def resolve_model(uri_or_path: str | Path, tracking_uri: str | None = None, cach
     target = Path(cache_dir or cache_root()) / key / info.name / str(info.version)
     if (target / BUNDLE_FILE).is_file():
         try:
-            return read_bundle(target).path
+            return read_bundle(target).path, info
         except BundleError as exc:
             log.warning("cached bundle %s is damaged (%s); downloading it again", target, exc)
             shutil.rmtree(target, ignore_errors=True)
-    return _download_bundle(store, info, target)
+    return _download_bundle(store, info, target), info
 
 
 def _download_bundle(store: str, info: VersionInfo, target: Path) -> Path:

@@ -197,7 +197,8 @@ def test_generated_requests_never_get_a_server_error(fault_server: Server, bundl
                     database=None,
                 )
                 def check(case, real_model: bool) -> None:
-                    if real_model and case.path_parameters:  # past the 404: the body reaches the parsers
+                    # Past the 404, so the body reaches the parsers; but never unload the model the other requests need.
+                    if real_model and case.path_parameters and not path.endswith("/unload"):  # noqa: B023
                         case.path_parameters = {**case.path_parameters, "name": bundle_name}
                         if "version" in case.path_parameters:
                             case.path_parameters["version"] = "1"

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pixelmill.data.preprocess import Preprocessing, load_image, to_model_input
 from pixelmill.errors import BundleError, DataError
 from pixelmill.export.bundle import Bundle
+from pixelmill.inference.providers import CPU, choose_providers, normalize_providers, warn_once
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | str | Path
 
@@ -144,10 +145,18 @@ def to_predictions(probs: np.ndarray, classes: Sequence[str], top_k: int = 5, de
     return out
 
 
-def open_onnx_file(path: Path, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
-    """An ONNX Runtime CPU session over an ``.onnx`` file (full graph optimisation, quiet log)."""
+def open_onnx_file(path: Path, intra_op_threads: int | None = None, inter_op_threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session over an ``.onnx`` file (full graph optimisation, quiet log).
+
+    ``providers``: the execution providers wanted, in order of preference (full or short
+    names, see :mod:`pixelmill.inference.providers`); None runs on CPU only. Those this
+    onnxruntime lacks are dropped, with one warning per process for each wanted list;
+    ``session.get_providers()`` tells which ones the session uses.
+    """
     import onnxruntime as ort
 
+    wanted = normalize_providers(providers) if providers else [CPU]
+    chosen, message = choose_providers(wanted)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
@@ -156,11 +165,18 @@ def open_onnx_file(path: Path, intra_op_threads: int | None = None, inter_op_thr
         options.inter_op_num_threads = int(inter_op_threads)
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise BundleError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+    if message is None:  # an available provider can still fail to start (no device, missing libraries)
+        running = list(session.get_providers())
+        failed = [name for name in chosen if name not in running]
+        if failed:
+            message = f"{', '.join(failed)} did not start in this onnxruntime; running on {', '.join(running)}"
+    warn_once(wanted, message)
+    return session
 
 
-def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None):
-    """An ONNX Runtime CPU session over the bundle's model."""
-    return open_onnx_file(bundle.model_file, intra_op_threads, inter_op_threads)
+def open_session(bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session over the bundle's model, on ``providers`` (None: CPU only); see :func:`open_onnx_file`."""
+    return open_onnx_file(bundle.model_file, intra_op_threads, inter_op_threads, providers)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -14,11 +17,15 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixelmill import __version__
-from pixelmill.serving.engine import Engine, EngineStopped, Overloaded
+from pixelmill.serving.engine import EngineStopped, Overloaded
 from pixelmill.serving.middleware import LIVENESS, BearerAuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestContextMiddleware
+from pixelmill.serving.repository import Repository, RepositoryError
 from pixelmill.serving.routes import explain, health, metrics, predict, v2
+from pixelmill.serving.routes import repository as repository_routes
 from pixelmill.serving.settings import ServeSettings, available_cpus
 from pixelmill.serving.telemetry import ServingMetrics
+
+log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -40,6 +47,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(RepositoryError)
+    async def repository_error(request: Request, exc: RepositoryError) -> JSONResponse:
+        return _error(exc.status, str(exc))
 
     @app.exception_handler(EngineStopped)
     async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:
@@ -70,49 +81,70 @@ def _declare_bearer_auth(app: FastAPI, exempt: frozenset[str] = frozenset({LIVEN
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _reload_on_sighup(repository: Repository) -> bool:
+    """SIGHUP loads every served name again (a moved ``models:/NAME@ALIAS`` brings its new version in).
+
+    With several uvicorn workers the supervisor owns SIGHUP (it restarts the workers, which
+    resolve their models again at start), so only a single-process server installs this.
+    """
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task] = set()
+
+    def hangup() -> None:
+        log.info("SIGHUP: loading every model again")
+        task = loop.create_task(repository.reload_all())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a test client), or no SIGHUP here
+        return False
+    return True
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """Build the app: routes, limits, auth, rate limit, metrics. The model loads when the app starts."""
     telemetry = ServingMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine.from_settings(settings, telemetry)
-        await engine.start()
-        telemetry.model_info.info(
-            {
-                "name": engine.bundle.name,
-                "version": engine.version,
-                "model_name": str(engine.bundle.meta.get("model_name", "")),
-                "classes": str(len(engine.classes)),
-                "input_shape": "x".join(map(str, engine.input_shape)),
-                "ort_intra_threads": str(settings.ort_intra_threads),
-            }
-        )
-        app.state.engine = engine
+        repository = Repository(settings, telemetry)
+        try:
+            await repository.start()
+        except BaseException:
+            await repository.stop()
+            raise
+        app.state.repository = repository
         app.state.decode_limiter = anyio.CapacityLimiter(available_cpus())
+        hangup = _reload_on_sighup(repository) if settings.workers == 1 else False
         try:
             yield
         finally:
-            app.state.engine = None
-            await engine.stop()
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            app.state.repository = None
+            await repository.stop()
 
     app = FastAPI(
         title="pixelmill",
         version=__version__,
-        description="Image classification on ONNX Runtime: a native API (`/predict`, `/explain`, `/model`) and the "
-        "Open Inference Protocol v2 (`/v2/...`, Triton/KServe clients).",
+        description="Image classification on ONNX Runtime: a native API (`/predict`, `/explain`, `/model`; "
+        "`/models/{name}/...` when several models are served) and the Open Inference Protocol v2 (`/v2/...`, Triton/KServe "
+        "clients, with Triton's repository API to load and unload models).",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = telemetry
-    app.state.engine = None
+    app.state.repository = None
     _install_error_handlers(app)
-    for router in (predict.router, explain.router, v2.router, health.router, metrics.router):
+    for router in (predict.router, explain.router, v2.router, repository_routes.router, health.router, metrics.router):
         app.include_router(router)
     # Added innermost first: a request meets context -> rate limit -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    if settings.api_token is not None and settings.api_token.get_secret_value():
-        app.add_middleware(BearerAuthMiddleware, token=settings.api_token.get_secret_value())
+    token, admin = (secret.get_secret_value() if secret is not None else "" for secret in (settings.api_token, settings.admin_token))
+    if token or admin:
+        app.add_middleware(BearerAuthMiddleware, token=token or None, admin_token=admin or None)
         _declare_bearer_auth(app)
     if settings.rate_limit > 0:
         app.add_middleware(RateLimitMiddleware, rate=settings.rate_limit, burst=settings.rate_burst)

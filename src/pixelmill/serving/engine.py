@@ -15,9 +15,10 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import anyio
 import numpy as np
@@ -63,6 +64,7 @@ class DynamicBatcher:
         join_outputs: Callable[[Sequence[Any]], Any] | None = None,
         name: str = "predict",
         executor: ThreadPoolExecutor | None = None,
+        labels: tuple[str, str] = ("model", "1"),
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -73,13 +75,14 @@ class DynamicBatcher:
         # How the outputs of a request larger than one batch are put back together (default: as the inputs are).
         self._join_outputs = join_outputs or self._join
         self.name = name  # the "batcher" label of its metrics
+        self.labels = (*labels, name)  # model, version, batcher: the labels of its metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
         if metrics is not None:  # every series exists from the start, at zero
             for collector in (metrics.queue_latency, metrics.inference_latency, metrics.batch_size, metrics.images, metrics.queue_depth):
-                collector.labels(name)
+                collector.labels(*self.labels)
         self._pending: deque[_Job] = deque()
         self._pending_images = 0
         self._wakeup: asyncio.Event | None = None
@@ -149,7 +152,7 @@ class DynamicBatcher:
 
     def _set_queue_gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(self._pending_images)
+            self.metrics.queue_depth.labels(*self.labels).set(self._pending_images)
 
     async def _next_batch(self) -> list[_Job]:
         """Wait for a job, then for more until the oldest has waited ``max_delay``; pop at most ``max_batch_size`` images.
@@ -207,10 +210,10 @@ class DynamicBatcher:
         if self.metrics is None:
             return
         for job in jobs:
-            self.metrics.queue_latency.labels(self.name).observe(start - job.enqueued)
-        self.metrics.inference_latency.labels(self.name).observe(end - start)
-        self.metrics.batch_size.labels(self.name).observe(size)
-        self.metrics.images.labels(self.name).inc(size)
+            self.metrics.queue_latency.labels(*self.labels).observe(start - job.enqueued)
+        self.metrics.inference_latency.labels(*self.labels).observe(end - start)
+        self.metrics.batch_size.labels(*self.labels).observe(size)
+        self.metrics.images.labels(*self.labels).inc(size)
 
 
 def split_pairs(outputs: tuple[np.ndarray, np.ndarray], sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -243,35 +246,64 @@ def load_bundle(model: str, tracking_uri: str | None = None) -> Bundle:
 
 
 class Engine:
-    """A verified bundle, its task's ONNX Runtime model and the batchers in front of it (predict; explain when the graph can)."""
+    """One served version: a verified bundle, its task's ONNX Runtime model and the batchers in front of it (predict; explain when the graph can)."""
 
-    def __init__(self, bundle: Bundle, classifier: Any, batcher: DynamicBatcher, version: str = "1", explainer: DynamicBatcher | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, classifier: Any, batcher: DynamicBatcher, version: str = "1", explainer: DynamicBatcher | None = None, name: str | None = None
+    ) -> None:
         self.bundle = bundle
+        self.name = name or bundle.name  # the name it is served under (the bundle's unless the server was told another)
         self.task = TASKS[bundle.kind]
         self.codec = self.task.serving()  # how the routes read requests and write answers for this task
         self.classifier = classifier
         self.batcher = batcher
         self.explainer = explainer  # the /explain batcher: None unless the bundle's graph has the class activation maps
         self.version = version
+        self.digest = bundle.info.files.get(bundle.info.model_file, "")  # the model file's sha256: a reload with the same one keeps this engine
         self.input_shape: tuple[int, ...] = classifier.input_shape  # one input: (H, W, C) of an image, columns of a row
+        self.providers: list[str] = list(getattr(classifier, "providers", None) or ["CPUExecutionProvider"])
+        self.intra_threads = 0  # ONNX Runtime intra-op threads (0: its default)
+        self._active = 0  # requests holding a lease
+        self._idle: asyncio.Event | None = None
 
     @classmethod
-    def from_settings(cls, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
-        """Read and verify the bundle, open the ORT session. Raises BundleError on a bad bundle."""
-        bundle = load_bundle(settings.model, settings.tracking_uri)
+    def from_bundle(cls, bundle: Bundle, name: str, version: str, settings: ServeSettings, metrics: ServingMetrics | None = None) -> Engine:
+        """Open the ORT session of a verified bundle and put the batchers in front of it (not started yet)."""
         task = TASKS[bundle.kind]
-        classifier = task.runtime(bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads)
+        classifier = task.runtime(
+            bundle, intra_op_threads=settings.ort_intra_threads, inter_op_threads=settings.inter_op_threads, providers=settings.provider_list
+        )
+        labels = (name, version)
         batcher = DynamicBatcher(
             classifier.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics,
-            join=task.join_inputs, split=task.split_outputs,
+            join=task.join_inputs, split=task.split_outputs, labels=labels,
         )
         explainer = None
         if getattr(classifier, "explainable", False) and hasattr(task.serving(), "explain_response"):
             explainer = DynamicBatcher(
                 classifier.run_with_cams, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, metrics,
-                join=task.join_inputs, split=split_pairs, join_outputs=join_pairs, name="explain", executor=batcher.executor,
+                join=task.join_inputs, split=split_pairs, join_outputs=join_pairs, name="explain", executor=batcher.executor, labels=labels,
             )
-        return cls(bundle, classifier, batcher, settings.model_version, explainer)
+        engine = cls(bundle, classifier, batcher, version, explainer, name)
+        engine.intra_threads = settings.ort_intra_threads
+        return engine
+
+    @contextmanager
+    def lease(self) -> Iterator[Engine]:
+        """Hold the engine for one request: :meth:`drain` waits until every lease is returned."""
+        self._active += 1
+        try:
+            yield self
+        finally:
+            self._active -= 1
+            if self._active == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until the requests that hold this engine are answered (no new ones reach it once it left the repository)."""
+        while self._active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     @property
     def ready(self) -> bool:
@@ -290,7 +322,7 @@ class Engine:
             reason = f"a {self.task.title} model has no class activation maps"
         else:
             reason = (self.bundle.meta.get("explain") or {}).get("reason", "it was exported before explanations existed")
-        return f"model '{self.bundle.name}' has no explanations: {reason}"
+        return f"model '{self.name}' has no explanations: {reason}"
 
     async def start(self) -> None:
         """Warm the session up (first-call allocations) and start batching."""
@@ -300,7 +332,18 @@ class Engine:
             await self.explainer.run_now(self.classifier.warmup_batch())
             await anyio.to_thread.run_sync(heatmap_png, np.zeros((1, 1), np.float32))  # loads the colour map before the first /explain
             await self.explainer.start()
-        log.info("serving %s (%d classes, input %s) from %s", self.bundle.name, len(self.classes), self.input_shape, self.bundle.path)
+        if self.batcher.metrics is not None:
+            self.batcher.metrics.model_info.labels(self.name, self.version).info(
+                {
+                    "name": self.bundle.name,
+                    "model_name": str(self.bundle.meta.get("model_name", "")),
+                    "classes": str(len(self.classes)),
+                    "input_shape": "x".join(map(str, self.input_shape)),
+                    "providers": ",".join(self.providers),
+                    "ort_intra_threads": str(self.intra_threads),
+                }
+            )
+        log.info("serving %s version %s (%d classes, input %s) from %s", self.name, self.version, len(self.classes), self.input_shape, self.bundle.path)
 
     async def stop(self) -> None:
         if self.explainer is not None:  # first: it runs on the predict batcher's thread, which stop() releases

@@ -33,6 +33,7 @@ access_log = logging.getLogger("pixelmill.serving.access")
 log = logging.getLogger(__name__)
 
 LIVENESS = "/v2/health/live"
+MANAGEMENT = "/v2/repository"  # the paths that change what is served
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": logged, never sent
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -66,7 +67,7 @@ def _outcome(status: int) -> str:
 
 
 class RequestContextMiddleware:
-    """X-Request-ID (echoed when sane, else generated), JSON access log, request metrics.
+    """X-Request-ID (echoed when sane, else generated), X-Model-Name/-Version of the answering model, JSON access log, request metrics.
 
     The log holds method, path, route, status, latency and outcome: never bodies or images.
     A client that hung up mid-body is recorded as 499 ``client_closed``, not as a server error.
@@ -90,7 +91,11 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                served = scope["state"].get("served")  # (name, version) of the model version that answered
+                if served is not None:
+                    headers["X-Model-Name"], headers["X-Model-Version"] = served
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -125,6 +130,9 @@ class RequestContextMiddleware:
         images = scope.get("state", {}).get("images")
         if images is not None:
             fields["images"] = images
+        served = scope.get("state", {}).get("served")
+        if served is not None:
+            fields["model"], fields["version"] = served
         access_log.info("request", extra={"fields": fields})
 
 
@@ -177,19 +185,28 @@ class BearerAuthMiddleware:
 
     Enforced here, for every path (routes, ``/docs``, ``/openapi.json``, unknown paths) with one
     ``{"error": ...}`` body; ``/openapi.json`` declares it as an HTTP bearer scheme (``app.py``).
+    With an admin token, the management paths (``/v2/repository/...``: load, unload, traffic)
+    take that token and no other; without one they take the API token like every route.
     """
 
-    def __init__(self, app: ASGIApp, token: str, exempt: frozenset[str] = frozenset({LIVENESS})) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | None, admin_token: str | None = None, exempt: frozenset[str] = frozenset({LIVENESS})
+    ) -> None:
         self.app = app
-        self.token = token.encode()
+        self.token = token.encode() if token else None
+        self.admin_token = admin_token.encode() if admin_token else None
         self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.exempt:
-            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
-                await send_error(send, 401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-                return
+            admin = self.admin_token is not None and scope["path"].startswith(MANAGEMENT)
+            needed = self.admin_token if admin else self.token
+            if needed is not None:
+                scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), needed):
+                    which = "admin token (PIXELMILL_ADMIN_TOKEN)" if admin else "bearer token"
+                    await send_error(send, 401, f"missing or invalid {which}", {"WWW-Authenticate": "Bearer"})
+                    return
         await self.app(scope, receive, send)
 
 

@@ -1,4 +1,4 @@
-"""uvicorn's h11 HTTP protocol plus a deadline on every request head: the slow-loris guard.
+"""uvicorn's HTTP protocols plus a deadline on every request head: the slow-loris guard.
 
 uvicorn closes an idle keep-alive connection after ``timeout_keep_alive``, but any byte
 cancels that timer and nothing re-arms it: a client that connects and sends a header
@@ -7,6 +7,9 @@ line now and then, or keeps trickling the rest of a body the server already answ
 Here a connection has ``head_timeout_s`` from connecting, and from the end of each
 response, to deliver a complete request head; bytes arriving meanwhile do not extend it.
 Reading a body is the app's part: BodyLimitMiddleware gives it ``body_timeout_s``.
+
+The guard sits on uvicorn's httptools protocol (its C parser) when httptools is installed,
+and on the pure-Python h11 one otherwise; both start a new request cycle when a head is complete.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed
+    HttpToolsProtocol = None
 
-class HeadDeadlineProtocol(H11Protocol):
-    """``H11Protocol`` that closes a connection which has not sent a complete request head in time."""
+
+class _HeadDeadline:
+    """The deadline logic, mixed into one of uvicorn's HTTP protocols (which provides ``cycle``, ``loop``, ``transport``)."""
+
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def __init__(self, *args: Any, head_timeout_s: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -26,23 +38,22 @@ class HeadDeadlineProtocol(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # a request head arrived: the app has the connection now
             self._disarm()
 
     def on_response_complete(self) -> None:
-        cycle = self.cycle
-        super().on_response_complete()
-        if self.cycle is cycle:  # no pipelined request started: the next head has its deadline
+        super().on_response_complete()  # type: ignore[misc]
+        if self.cycle is None or self.cycle.response_complete:  # no pipelined request started: the next head has its deadline
             self._arm()
         else:
             self._disarm()
@@ -60,3 +71,17 @@ class HeadDeadlineProtocol(H11Protocol):
         self._head_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class H11HeadDeadlineProtocol(_HeadDeadline, H11Protocol):
+    """``H11Protocol`` that closes a connection which has not sent a complete request head in time."""
+
+
+if HttpToolsProtocol is not None:
+
+    class HttpToolsHeadDeadlineProtocol(_HeadDeadline, HttpToolsProtocol):
+        """``HttpToolsProtocol`` that closes a connection which has not sent a complete request head in time."""
+
+    HeadDeadlineProtocol: type = HttpToolsHeadDeadlineProtocol
+else:
+    HeadDeadlineProtocol = H11HeadDeadlineProtocol

@@ -167,6 +167,7 @@ class ModelInfo(BaseModel):
     explain: Optional[dict[str, Any]] = Field(
         None, description="Whether POST /explain answers for this model: bundle.json's explain block (available, and the reason when not)."
     )
+    providers: list[str] = Field([], description="The ONNX Runtime execution providers the session runs on, in order.")
 
 
 class ServerMetadata(BaseModel):
@@ -181,6 +182,7 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    providers: list[str] = Field(description="The ONNX Runtime execution providers the session runs on, in order.")
 
 
 class ReadyResponse(BaseModel):

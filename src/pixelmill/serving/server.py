@@ -5,22 +5,25 @@ from __future__ import annotations
 import os
 from functools import partial
 
-from pixelmill.serving.engine import load_bundle
 from pixelmill.serving.logs import logging_config
+from pixelmill.serving.repository import check_plan
 from pixelmill.serving.settings import ServeSettings, settings_env
 
 
 def serve(settings: ServeSettings) -> None:
-    """Serve until interrupted. A bad bundle fails here (BundleError), before any port is bound.
+    """Serve until interrupted. A bad bundle, two models under one name and version, a traffic
+    split to a version that is not served, an unknown execution provider: each fails here
+    (BundleError, ConfigError), before any port is bound.
 
-    A ``models:/`` URI is resolved once, so every worker loads the same local bundle.
+    Workers get the SPECs as given, so ``models:/NAME@ALIAS`` is resolved by each at its start
+    (and again when SIGHUP makes uvicorn restart them).
     """
     import uvicorn
 
     from pixelmill.serving.protocol import HeadDeadlineProtocol
 
-    bundle = load_bundle(settings.model, settings.tracking_uri)
-    settings = settings.model_copy(update={"model": str(bundle.path)})
+    settings.provider_list  # noqa: B018 - an unknown provider name is a ConfigError now, not in a worker
+    check_plan(settings)
     options = dict(
         host=settings.host,
         port=settings.port,

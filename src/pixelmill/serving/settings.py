@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,8 +23,17 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIXELMILL_", extra="ignore", protected_namespaces=())
 
-    model: str = Field(..., description="A bundle directory, a run directory (its bundle/) or a models:/name@alias or models:/name/version URI.")
-    model_version: str = Field("1", description="The version string reported by /model and the v2 API.")
+    model: Optional[str] = Field(None, description="One model: a bundle directory, a run directory (its bundle/) or a models:/name@alias or models:/name/version URI.")
+    models: list[str] = Field(
+        [], description="Several models (JSON list in PIXELMILL_MODELS): each [NAME[:VERSION]=]SOURCE, SOURCE a bundle, a run, a models:/ URI or a folder of bundles."
+    )
+    model_version: str = Field("1", description="The version of a model whose SPEC names none and that is not a models:/ URI.")
+    traffic: list[str] = Field([], description="Traffic splits, each NAME=VERSION:WEIGHT,VERSION:WEIGHT (weights sum to 100).")
+    shadow: list[str] = Field([], description="Shadow versions, each NAME=VERSION: gets a copy of the name's requests; answers are compared and counted only.")
+    sticky_header: str = Field("X-Client-Id", description="Requests with the same value of this header go to the same version of a split.")
+    providers: Optional[str] = Field(
+        None, description="ONNX Runtime execution providers in order of preference, e.g. cuda,cpu or tensorrt,cuda,cpu (default cpu); missing ones fall back to CPU."
+    )
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI used to resolve models:/ URIs.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -52,8 +62,29 @@ class ServeSettings(BaseSettings):
 
     # Safety.
     api_token: Optional[SecretStr] = Field(None, description="If set, every route but liveness needs 'Authorization: Bearer <token>'.")
+    admin_token: Optional[SecretStr] = Field(
+        None, description="If set, the management routes (/v2/repository/...: load, unload, traffic) need 'Authorization: Bearer <admin token>'."
+    )
     rate_limit: float = Field(0.0, ge=0.0, description="Requests per second per client (token bucket); 0 turns it off.")
     rate_burst: int = Field(20, ge=1, description="Bucket size: requests a client may send at once.")
+
+    @model_validator(mode="after")
+    def _some_model(self) -> "ServeSettings":
+        if not self.specs:
+            raise ValueError("no model to serve: give one or more [NAME[:VERSION]=]SOURCE (PIXELMILL_MODEL or PIXELMILL_MODELS)")
+        return self
+
+    @property
+    def specs(self) -> list[str]:
+        """Every model SPEC: ``models``, else the one ``model``."""
+        return list(self.models) or ([self.model] if self.model else [])
+
+    @property
+    def provider_list(self) -> list[str]:
+        """``providers`` as ONNX Runtime's names, in order (CPU last)."""
+        from pixelmill.inference.providers import parse_providers
+
+        return parse_providers(self.providers)
 
     @property
     def ort_intra_threads(self) -> int:
@@ -70,7 +101,9 @@ def load_settings(**given: object) -> ServeSettings:
     try:
         return ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"PIXELMILL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()[:5])
+        problems = "; ".join(
+            f"PIXELMILL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ") for e in exc.errors()[:5]
+        )
         raise ConfigError(f"invalid serve settings: {problems}") from None
 
 
@@ -82,5 +115,5 @@ def settings_env(settings: ServeSettings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        env[f"PIXELMILL_{name.upper()}"] = str(value)
+        env[f"PIXELMILL_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     return env

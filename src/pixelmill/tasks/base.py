@@ -117,8 +117,12 @@ class Task:
         raise NotImplementedError
 
     # ---- runtime (torch-free) ---------------------------------------------------------------
-    def runtime(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
-        """The object ``predict`` and ``serve`` run: ``run(batch) -> outputs``, ``classes``, ``warmup_batch()``, ``input_shape``."""
+    def runtime(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> Any:
+        """The object ``predict`` and ``serve`` run: ``run(batch) -> outputs``, ``classes``, ``warmup_batch()``, ``input_shape``.
+
+        ``providers``: the ONNX Runtime execution providers wanted, in order (None: CPU only);
+        an ONNX runtime exposes those its session uses as ``providers``.
+        """
         raise NotImplementedError
 
     def eager_runtime(self, run_dir: Path, checkpoint: str) -> Any:

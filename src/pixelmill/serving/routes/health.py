@@ -18,8 +18,9 @@ async def live() -> LiveResponse:
 
 @router.get("/ready", response_model=ReadyResponse, responses=ERRORS)
 async def ready(request: Request) -> ReadyResponse:
-    """200 once the model is loaded and batching, 503 before and during shutdown."""
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.ready:
+    """200 once every model is loaded and batching, 503 before and during shutdown."""
+    repository = getattr(request.app.state, "repository", None)
+    if repository is None or not repository.ready:
         raise HTTPException(503, "the model is not ready")
-    return ReadyResponse(name=engine.bundle.name, ready=True)
+    names = repository.names()
+    return ReadyResponse(name=names[0] if len(names) == 1 else None, ready=True)

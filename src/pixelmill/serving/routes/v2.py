@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from pixelmill import __version__
 from pixelmill.serving.engine import Engine
-from pixelmill.serving.routes import ERRORS, engine_of, settings_of
+from pixelmill.serving.routes import ERRORS, engine_of, infer, repository_of, serving, settings_of
 from pixelmill.serving.schemas import InferRequest, InferResponse, ModelMetadata, ReadyResponse, ServerMetadata, TensorSpec, inline_schema
 from pixelmill.serving.tensors import HEADER_LENGTH, encode_response, output_requests, parse_request, split_body
 
@@ -30,13 +30,8 @@ _INFER_RESPONSES = {**ERRORS, 200: {"model": InferResponse, "description": "Outp
 
 
 def _model(request: Request, name: str, version: Optional[str]) -> Engine:
-    """The engine if ``name`` (and ``version``, when given) is what this server serves, else 404."""
-    engine = engine_of(request)
-    if name != engine.bundle.name:
-        raise HTTPException(404, f"unknown model '{name[:100]}'; this server serves '{engine.bundle.name}'")
-    if version not in (None, "", engine.version):
-        raise HTTPException(404, f"model '{name}' has no version '{version[:40]}'; it serves version '{engine.version}'")
-    return engine
+    """The named version (default: the name's default version) if this server serves it, else 404."""
+    return engine_of(request, name, version or None)
 
 
 @router.get("", response_model=ServerMetadata, responses=ERRORS)
@@ -45,38 +40,39 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="pixelmill", version=__version__, extensions=["binary_tensor_data", "classification", "model_configuration"])
 
 
-def _metadata(engine: Engine) -> ModelMetadata:
+def _metadata(request: Request, engine: Engine) -> ModelMetadata:
     return ModelMetadata(
-        name=engine.bundle.name,
-        versions=[engine.version],
+        name=engine.name,
+        versions=repository_of(request).versions(engine.name),
         platform="onnxruntime_onnx",
         inputs=engine.codec.v2_inputs(engine),
         outputs=[TensorSpec(name=engine.bundle.output_name, datatype="FP32", shape=engine.bundle.info.output.shape)],  # the task's output contract
+        providers=engine.providers,
     )
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
 async def model_metadata(name: str, request: Request) -> ModelMetadata:
     """Input and output tensors of the model: UINT8 [-1, H, W, C] in, FP32 [-1, classes] out."""
-    return _metadata(_model(request, name, None))
+    return _metadata(request, _model(request, name, None))
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
 async def model_version_metadata(name: str, version: str, request: Request) -> ModelMetadata:
     """Model metadata for an explicit version."""
-    return _metadata(_model(request, name, version))
+    return _metadata(request, _model(request, name, version))
 
 
 @router.get("/models/{name}/ready", response_model=ReadyResponse, responses=ERRORS)
 async def model_ready(name: str, request: Request) -> ReadyResponse:
     """200 when the model can take requests."""
-    return ReadyResponse(name=_model(request, name, None).bundle.name, ready=True)
+    return ReadyResponse(name=_model(request, name, None).name, ready=True)
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_model=ReadyResponse, responses=ERRORS)
 async def model_version_ready(name: str, version: str, request: Request) -> ReadyResponse:
     """200 when that version of the model can take requests."""
-    return ReadyResponse(name=_model(request, name, version).bundle.name, ready=True)
+    return ReadyResponse(name=_model(request, name, version).name, ready=True)
 
 
 @router.get("/models/{name}/config", responses=ERRORS)
@@ -84,7 +80,7 @@ async def model_config(name: str, request: Request) -> dict[str, Any]:
     """A Triton-style model configuration (for clients that ask for it)."""
     engine, settings = _model(request, name, None), settings_of(request)
     return {
-        "name": engine.bundle.name,
+        "name": engine.name,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "max_batch_size": settings.max_infer_batch,
@@ -94,30 +90,32 @@ async def model_config(name: str, request: Request) -> dict[str, Any]:
     }
 
 
-async def _infer(request: Request, engine: Engine) -> Response:
+async def _infer(request: Request, name: str, version: Optional[str]) -> Response:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise HTTPException(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
     settings = settings_of(request)
-    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    infer_request = parse_request(header)
-    outputs = output_requests(infer_request, engine.bundle.output_name)
-    batch = engine.codec.v2_batch(infer_request, binary, engine, settings.max_infer_batch)  # images (N, H, W, C), table rows (N,)
-    request.state.images = len(batch)
-    probs = await engine.infer(batch)  # (N, num_classes)
-    body, header_length = encode_response(engine.bundle.name, engine.version, infer_request.id, probs, engine.classes, outputs)
+    async with serving(request, name, version or None) as choice:
+        engine = choice.engine
+        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        infer_request = parse_request(header)
+        outputs = output_requests(infer_request, engine.bundle.output_name)
+        batch = engine.codec.v2_batch(infer_request, binary, engine, settings.max_infer_batch)  # images (N, H, W, C), table rows (N,)
+        request.state.images = len(batch)
+        probs = await infer(request, choice, batch)  # (N, num_classes)
+        body, header_length = encode_response(engine.name, engine.version, infer_request.id, probs, engine.classes, outputs)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
 
 
 @router.post("/models/{name}/infer", response_model=None, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
-async def infer(name: str, request: Request) -> Response:
-    """Run the model on a UINT8 [N, H, W, C] tensor named after the bundle's input ('image')."""
-    return await _infer(request, _model(request, name, None))
+async def infer_model(name: str, request: Request) -> Response:
+    """Run the model on a UINT8 [N, H, W, C] tensor named after the bundle's input ('image'): its default version, or the one its traffic split picks."""
+    return await _infer(request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=None, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
 async def infer_version(name: str, version: str, request: Request) -> Response:
     """Inference on an explicit model version."""
-    return await _infer(request, _model(request, name, version))
+    return await _infer(request, name, version)

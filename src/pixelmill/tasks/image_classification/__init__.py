@@ -70,14 +70,14 @@ class ImageClassification(SingleLabelTask):
         extra = {"calibration": {"method": "temperature", "temperature": temperature}} if temperature != 1.0 else None
         return export(run, out, fmt, quantize, options, head=tempered_softmax(temperature), extra=extra)
 
-    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
+    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> Any:
         if bundle.model_format == "torchscript":
             from pixelmill.tasks.image_classification.eager import TorchScriptClassifier
 
-            return TorchScriptClassifier(bundle)
+            return TorchScriptClassifier(bundle)  # TorchScript runs on CPU; providers are ONNX Runtime's
         from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
-        return OnnxClassifier(bundle, intra_op_threads, inter_op_threads)
+        return OnnxClassifier(bundle, intra_op_threads, inter_op_threads, providers=providers)
 
     def eager_runtime(self, run_dir: Path, checkpoint: str) -> Any:
         from pixelmill.tasks.image_classification.eager import TorchClassifier

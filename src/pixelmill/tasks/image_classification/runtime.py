@@ -13,16 +13,22 @@ from pixelmill.inference.session import Decision, Decisions, ImageLike, Predicti
 
 
 class OnnxClassifier(Decisions):
-    """An ONNX Runtime session over a bundle's ``model.onnx`` (CPU, full graph optimisation)."""
+    """An ONNX Runtime session over a bundle's ``model.onnx`` (full graph optimisation).
 
-    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+    ``providers``: the execution providers wanted, in order (None: CPU only); the attribute
+    ``providers`` holds those the session actually uses.
+    """
+
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> None:
         if not bundle.info.model_file.endswith(".onnx"):
             raise BundleError(f"bundle {bundle.path} holds {bundle.info.model_file}, not an ONNX model")
         self.bundle = bundle
         self.classes = bundle.classes
         self.decision = Decision.of_bundle(bundle)  # binary: the operating point chosen in training
         self.preprocessing = bundle.preprocessing
-        self.session = open_session(bundle, intra_op_threads, inter_op_threads)
+        self.session = open_session(bundle, intra_op_threads, inter_op_threads, providers)
+        self.wanted_providers = providers
+        self.providers: list[str] = list(self.session.get_providers())
         self.threads = intra_op_threads
         self.input_name = bundle.input_name
         self.output_name = bundle.output_name
@@ -47,7 +53,7 @@ class OnnxClassifier(Decisions):
         if self.threads == 1:
             return self
         if self._single is None:
-            self._single = OnnxClassifier(self.bundle, intra_op_threads=1, inter_op_threads=1)
+            self._single = OnnxClassifier(self.bundle, intra_op_threads=1, inter_op_threads=1, providers=self.wanted_providers)
         return self._single
 
     def prepare(self, image: ImageLike) -> np.ndarray:

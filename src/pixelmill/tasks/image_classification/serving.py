@@ -122,7 +122,7 @@ def native_response(engine: Any, names: list[str], probs: np.ndarray, top_k: int
     except DataError as exc:
         raise HTTPException(422, str(exc)) from None
     return PredictResponse(
-        model=engine.bundle.name,
+        model=engine.name,
         version=engine.version,
         predictions=[ImagePrediction(file=name, **p.to_dict()) for name, p in zip(names, predictions)],
     )
@@ -168,7 +168,7 @@ def explained_images(
 def explain_response(engine: Any, names: list[str], images: list[np.ndarray | str], probs: np.ndarray, cams: np.ndarray, **options: Any) -> JSONResponse:
     """``/explain``: per image its prediction as ``/predict`` gives it and the heatmaps (``options``: see :func:`explained_images`)."""
     body = ExplainResponse(
-        model=engine.bundle.name, version=engine.version, predictions=explained_images(engine, names, images, probs, cams, ImageExplanation, **options)
+        model=engine.name, version=engine.version, predictions=explained_images(engine, names, images, probs, cams, ImageExplanation, **options)
     )
     return JSONResponse(body.model_dump())
 

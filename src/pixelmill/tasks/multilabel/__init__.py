@@ -117,10 +117,10 @@ class MultiLabelClassification(ImageClassification):
         cut = np.array([thresholds[name] for name in run.classes])
         return export(run, out, fmt, quantize, options, head=calibrated_sigmoid(calibration), paths=paths, extra=extra, thresholds=cut, load=load_scan)
 
-    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
+    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> Any:
         from pixelmill.tasks.multilabel.runtime import OnnxMultiLabel
 
-        return OnnxMultiLabel(bundle, intra_op_threads, inter_op_threads)
+        return OnnxMultiLabel(bundle, intra_op_threads, inter_op_threads, providers=providers)
 
     def eager_runtime(self, run_dir: Path, checkpoint: str) -> Any:
         from pixelmill.tasks.multilabel.eager import TorchMultiLabel

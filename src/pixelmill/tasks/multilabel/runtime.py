@@ -88,6 +88,6 @@ class LabelSets:
 class OnnxMultiLabel(LabelSets, OnnxClassifier):
     """A multi-label bundle on ONNX Runtime: ``run`` gives (N, L) sigmoid probabilities, ``decode`` label sets."""
 
-    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        super().__init__(bundle, intra_op_threads, inter_op_threads)
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> None:
+        super().__init__(bundle, intra_op_threads, inter_op_threads, providers=providers)
         self.thresholds = bundle_thresholds(bundle)

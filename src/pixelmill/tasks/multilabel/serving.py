@@ -33,7 +33,7 @@ def native_response(engine: Any, names: list[str], probs: np.ndarray, top_k: int
     except DataError as exc:
         raise HTTPException(422, str(exc)) from None
     body = LabelSetPredictResponse(
-        model=engine.bundle.name,
+        model=engine.name,
         version=engine.version,
         predictions=[LabelSetImagePrediction(file=name, **p.to_dict()) for name, p in zip(names, predictions)],
     )
@@ -43,7 +43,7 @@ def native_response(engine: Any, names: list[str], probs: np.ndarray, top_k: int
 def explain_response(engine: Any, names: list[str], images: list[np.ndarray | str], probs: np.ndarray, cams: np.ndarray, **options: Any) -> JSONResponse:
     """``/explain``: per image its label set as ``/predict`` gives it and the heatmap of each predicted label."""
     body = LabelSetExplainResponse(
-        model=engine.bundle.name, version=engine.version,
+        model=engine.name, version=engine.version,
         predictions=explained_images(engine, names, images, probs, cams, LabelSetImageExplanation, **options),
     )
     return JSONResponse(body.model_dump())

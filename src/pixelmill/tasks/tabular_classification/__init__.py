@@ -68,10 +68,10 @@ class TabularClassification(SingleLabelTask):
 
         return export(run, out, fmt, quantize, options)
 
-    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> Any:
+    def runtime(self, bundle: Any, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> Any:
         from pixelmill.tasks.tabular_classification.runtime import OnnxTabularClassifier
 
-        return OnnxTabularClassifier(bundle, intra_op_threads, inter_op_threads)
+        return OnnxTabularClassifier(bundle, intra_op_threads, inter_op_threads, providers=providers)
 
     def eager_runtime(self, run_dir: Path, checkpoint: str) -> Any:
         from pixelmill.tasks.tabular_classification.eager import TorchTabularClassifier

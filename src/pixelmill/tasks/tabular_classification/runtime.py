@@ -129,9 +129,13 @@ def feeds(rows: np.ndarray, schema: TabularSchemaView) -> dict[str, np.ndarray]:
 
 
 class OnnxTabularClassifier(Decisions):
-    """An ONNX Runtime session over a tabular bundle: records in, class probabilities out."""
+    """An ONNX Runtime session over a tabular bundle: records in, class probabilities out.
 
-    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+    ``providers``: the execution providers wanted, in order (None: CPU only); the attribute
+    ``providers`` holds those the session actually uses.
+    """
+
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, providers: list[str] | None = None) -> None:
         if "schema" not in bundle.meta:
             raise BundleError(f"bundle {bundle.path} has no table schema (kind={bundle.kind!r}); export the tabular run again")
         self.bundle = bundle
@@ -139,7 +143,8 @@ class OnnxTabularClassifier(Decisions):
         self.classes = bundle.classes
         self.decision = Decision.of_bundle(bundle)  # binary: the operating point chosen in training
         self.preprocessing = bundle.info.preprocessing
-        self.session = open_session(bundle, intra_op_threads, inter_op_threads)
+        self.session = open_session(bundle, intra_op_threads, inter_op_threads, providers)
+        self.providers: list[str] = list(self.session.get_providers())
         self.output_name = bundle.output_name
 
     def run(self, rows: np.ndarray) -> np.ndarray:

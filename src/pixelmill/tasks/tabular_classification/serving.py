@@ -157,7 +157,7 @@ def native_response(engine: Any, ids: list[int], probs: np.ndarray, top_k: int, 
     except DataError as exc:
         raise HTTPException(422, str(exc)) from None
     body = RecordsPredictResponse(
-        model=engine.bundle.name,
+        model=engine.name,
         version=engine.version,
         predictions=[RecordPrediction(record=i, **p.to_dict()) for i, p in zip(ids, predictions)],
     )
