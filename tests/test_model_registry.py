@@ -89,6 +89,23 @@ def test_register_list_promote_and_resolve(
         promote("digits", 9, tracking_uri=store)
 
 
+def test_models_uris_resolve_through_mlflow_tracking_uri_again_and_again(
+    run_copy: Path, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server resolves its models:/ URIs more than once (the plan check, then the worker): each
+    lookup must still find $MLFLOW_TRACKING_URI, never fall back to a local ./mlruns.db."""
+    from pixelmill.model_registry import resolve_model
+
+    assert "@champion -> version 1" in _cli("registry", "promote", "digits", "1", "--alias", "champion", "--tracking-uri", store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+    for attempt in range(3):
+        monkeypatch.setenv("PIXELMILL_CACHE_DIR", str(tmp_path / f"cache{attempt}"))  # each downloads again
+        assert (resolve_model("models:/digits@champion") / "model.onnx").is_file()
+        assert os.environ["MLFLOW_TRACKING_URI"] == store
+    assert not (tmp_path / "mlruns.db").exists()
+
+
 def test_predict_cli_takes_a_models_uri(run_copy: Path, store: str, digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIXELMILL_CACHE_DIR", str(tmp_path / "cache"))
     image = sorted((digits_root / "test" / "7").glob("*.png"))[0]

@@ -128,12 +128,16 @@ def _tracking(uri: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    old = getattr(utils, "_tracking_uri", None)
+    old, old_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
+        # set_tracking_uri(None) also pops $MLFLOW_TRACKING_URI: a second models:/ lookup in this
+        # process (serve resolves once to check, once per worker) would then miss the user's store.
         mlflow.set_tracking_uri(old)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def _client(uri: str):

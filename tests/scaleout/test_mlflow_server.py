@@ -183,4 +183,5 @@ def test_registry_register_promote_predict_and_serve_through_the_server(mlflow_s
     for cache in (predict_cache, serve_cache):
         cached = list(cache.rglob("bundle.json"))
         assert len(cached) == 1 and cached[0].parent.name == "1"  # <cache>/<store>/digits/1/bundle.json
-        assert json.loads(cached[0].read_text())["name"] == served["name"]
+        assert json.loads(cached[0].read_text())["files"]["model.onnx"] == served["sha256"]
+    assert (served["name"], served["version"]) == ("digits", "1")  # served under its registry name and version
