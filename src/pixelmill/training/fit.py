@@ -414,11 +414,17 @@ def _lost_peer(exc: BaseException) -> bool:
 
     NCCL raises ``torch.distributed.DistError``; gloo a plain RuntimeError from its transport layer
     ("[.../gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:740: Connection reset by peer. ...",
-    "[.../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 60000ms for recv operation to complete").
+    "[.../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 60000ms for recv operation to complete"),
+    or, on a process whose peer timed out first, the bare signal gloo sends to every pair of its
+    context ("Application timeout caused pair closure") and the peer's next send ("Connection closed by peer").
     """
     import torch.distributed as dist
 
-    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _GLOO_LOST_PEER))
+
+
+# What gloo's RuntimeErrors say when a peer is gone (see _lost_peer).
+_GLOO_LOST_PEER = ("gloo/transport", "Application timeout caused pair closure", "Connection closed by peer")
 
 
 def _first_sentence(exc: BaseException) -> str:
