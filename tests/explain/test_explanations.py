@@ -82,6 +82,7 @@ def test_heatmap_peaks_fall_inside_the_patch_in_pytorch_and_onnx(patches: Path, 
         results = explain_images(predictor.classifier, images)
         assert all(r.error is None and len(r.explanations) == 1 for r in results)
         share = _inside_patch(patches, rows, [r.explanations[0].heatmap for r in results], predictor.preprocessing)
+        print(f"{'ONNX' if model == bundle.path else 'PyTorch'}: heatmap peak inside the patch on {share:.1%} of {len(rows)} test images")
         assert share >= LOCALISATION, f"{model}: {share:.0%} of peaks inside the patch"
 
 
@@ -92,6 +93,7 @@ def test_onnx_maps_equal_pytorch_grad_cam_within_the_stated_tolerance(patches: P
     onnx = explain_images(Predictor.load(bundle.path).classifier, images, class_name="vertical")
     eager = explain_images(Predictor.load(run).classifier, images, class_name="vertical")
     diff = max(float(np.abs(a.explanations[0].heatmap - b.explanations[0].heatmap).max()) for a, b in zip(onnx, eager))
+    print(f"ONNX vs PyTorch maps: largest difference {diff:.2e} over {len(images)} images (tolerance {CAM_TOLERANCE})")
     assert diff <= CAM_TOLERANCE
 
 
@@ -111,6 +113,7 @@ def test_maps_of_the_same_network_with_random_weights_are_not_alike(patches: Pat
     for a, b in zip(trained, randomised):
         rho = spearmanr(a.explanations[0].heatmap.ravel(), b.explanations[0].heatmap.ravel()).statistic
         correlations.append(0.0 if np.isnan(rho) else rho)  # an all-zero map correlates with nothing
+    print(f"rank correlation trained vs randomised weights: mean {np.mean(correlations):.3f} over {len(rows)} images (bound {SANITY_BOUND})")
     assert float(np.mean(correlations)) < SANITY_BOUND
     # and the trained maps localise where the random ones do not
     assert _inside_patch(patches, rows, [r.explanations[0].heatmap for r in trained], predictor.preprocessing) >= LOCALISATION
