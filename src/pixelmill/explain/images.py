@@ -61,9 +61,11 @@ def explain_images(runtime: Any, inputs: Sequence[Any], class_name: str | None =
     if not ready:
         return results
     batch = np.stack([r.pixels for r in ready])
-    predictions = runtime.decode(runtime.run(batch), top_k)
+    # A bundle: one ONNX Runtime call gives the prediction and every class's map. PyTorch: Grad-CAM needs the targets before its backward pass.
+    probs, cams = runtime.run_with_cams(batch) if hasattr(runtime, "run_with_cams") else (runtime.run(batch), None)
+    predictions = runtime.decode(probs, top_k)
     targets = [[wanted] if wanted is not None else targets_of(p, classes) for p in predictions]
-    probs, maps = runtime.explain(batch, targets)
+    probs, maps = (probs, runtime.heatmaps(cams, targets)) if cams is not None else runtime.explain(batch, targets)
     for row, (result, prediction, wanted_here, heatmaps) in enumerate(zip(ready, predictions, targets, maps)):
         result.prediction = prediction
         result.explanations = [Explanation(classes[c], float(probs[row, c]), h) for c, h in zip(wanted_here, heatmaps)]

@@ -96,11 +96,15 @@ class OnnxClassifier(Decisions):
 
         BundleError when the bundle has no explain output (its reason is in bundle.json).
         """
+        probs, cams = self.run_with_cams(batch)
+        return probs, self.heatmaps(cams, targets)
+
+    def heatmaps(self, cams: np.ndarray, targets: list[list[int]]) -> list[list[np.ndarray]]:
+        """Raw (N, classes, h, w) class activation maps and class indices per image -> per image the (H, W) heatmap of each target."""
         from pixelmill.explain.heatmaps import heatmaps_from_cams
 
-        probs, cams = self.run_with_cams(batch)
         size = self.input_shape[:2]
-        return probs, [list(heatmaps_from_cams(cams[i, list(t)], size)) for i, t in enumerate(targets)]
+        return [list(heatmaps_from_cams(cams[i, list(t)], size)) for i, t in enumerate(targets)]
 
     def predict(self, images: list[Any], top_k: int = 5) -> list[Prediction]:
         """Prepare, run as one batch and decode ``images``."""
