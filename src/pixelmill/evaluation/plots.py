@@ -36,16 +36,39 @@ DPI = 110
 MAX_LABEL_CHARS = 22
 
 
-def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Figure, np.ndarray]:
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, layout: str | None = "constrained") -> tuple[Figure, np.ndarray]:
     """A pyplot-free figure on the Agg backend, with a 2-D array of axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, axes
+
+
+def _image_grid(cell_width: float, cell_height: float, nrows: int, ncols: int, caption: float = 0.4, title: float = 0.45) -> tuple[Figure, np.ndarray]:
+    """A figure of ``nrows`` x ``ncols`` image cells (inches each, ``caption`` inches of it above the
+    image), axes off, ``title`` inches for a suptitle (:func:`_grid_title`).
+
+    Fixed margins instead of the constrained layout engine: a gallery has no tick labels to fit,
+    and the engine's layout passes cost 1.3-2.2 s on a 24-image gallery, at the end of every run.
+    """
+    fig, axes = _figure(cell_width * ncols, cell_height * nrows + title, nrows=nrows, ncols=ncols, layout=None)
+    width, height = fig.get_size_inches()
+    margin = 0.08
+    fig.subplots_adjust(
+        left=margin / width, right=1 - margin / width, bottom=margin / height, top=1 - (title + caption) / height,
+        wspace=2 * margin / (cell_width - 2 * margin), hspace=caption / (cell_height - caption),
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def _grid_title(fig: Figure, text: str) -> None:
+    fig.suptitle(text, fontsize=11, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -356,9 +379,7 @@ def plot_misclassified(
 
     ncols = min(chosen.size, max(4, math.ceil(math.sqrt(chosen.size))))
     nrows = math.ceil(chosen.size / ncols)
-    fig, axes = _figure(2.5 * ncols, 2.75 * nrows + 0.4, nrows=nrows, ncols=ncols)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _image_grid(2.5, 2.75, nrows, ncols)
     for ax, i in zip(axes.flat, chosen):
         try:
             _show_image(ax, load_image(sample_ids[i]))
@@ -366,7 +387,7 @@ def plot_misclassified(
             log.warning("Cannot load %s for the misclassified grid: %s", sample_ids[i], exc)
             ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=8)
         ax.set_title(_caption(class_names[y[i]], class_names[pred[i]], confidence[i]), fontsize=8, color="#b00020")
-    fig.suptitle(f"Most confident mistakes ({chosen.size} of {wrong.size} misclassified)", fontsize=11)
+    _grid_title(fig, f"Most confident mistakes ({chosen.size} of {wrong.size} misclassified)")
     return _save(fig, path)
 
 
@@ -376,14 +397,12 @@ def plot_explained(entries: list[tuple[Image.Image, np.ndarray, str, bool]], pat
 
     ncols = 4  # two (image, heatmap) pairs per row
     nrows = max(1, math.ceil(len(entries) / 2))
-    fig, axes = _figure(2.2 * ncols, 2.5 * nrows + 0.4, nrows=nrows, ncols=ncols)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = _image_grid(2.2, 2.5, nrows, ncols)
     for k, (image, heatmap, caption, wrong) in enumerate(entries):
         row, col = divmod(k, 2)
         _show_image(axes[row, 2 * col], image)
         axes[row, 2 * col + 1].imshow(np.asarray(overlay(image, heatmap)))
         axes[row, 2 * col].set_title(caption, fontsize=7, color="#b00020" if wrong else "#1b5e20")
         axes[row, 2 * col + 1].set_title("where it looked", fontsize=7)
-    fig.suptitle(title, fontsize=11)
+    _grid_title(fig, title)
     return _save(fig, path)
