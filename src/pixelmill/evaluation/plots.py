@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DPI = 110
 MAX_LABEL_CHARS = 22
+GRID_MARGIN = 0.08  # inches around and between the cells of an image grid, and above its title
 
 
 def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, layout: str | None = "constrained") -> tuple[Figure, np.ndarray]:
@@ -57,7 +58,7 @@ def _image_grid(cell_width: float, cell_height: float, nrows: int, ncols: int, c
     """
     fig, axes = _figure(cell_width * ncols, cell_height * nrows + title, nrows=nrows, ncols=ncols, layout=None)
     width, height = fig.get_size_inches()
-    margin = 0.08
+    margin = GRID_MARGIN
     fig.subplots_adjust(
         left=margin / width, right=1 - margin / width, bottom=margin / height, top=1 - (title + caption) / height,
         wspace=2 * margin / (cell_width - 2 * margin), hspace=caption / (cell_height - caption),
@@ -68,7 +69,7 @@ def _image_grid(cell_width: float, cell_height: float, nrows: int, ncols: int, c
 
 
 def _grid_title(fig: Figure, text: str) -> None:
-    fig.suptitle(text, fontsize=11, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
+    fig.suptitle(text, fontsize=11, y=1 - GRID_MARGIN / fig.get_size_inches()[1], va="top")
 
 
 def _save(fig: Figure, path: Path) -> Path:
