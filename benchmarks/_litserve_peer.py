@@ -5,14 +5,15 @@
 ``pixelmill serve``'s ``/predict`` does: read the multipart upload (field ``files``), decode
 and prepare it with pixelmill's own ``serving.images.decode_image`` (the same header checks,
 ``to_model_input``, the same pixels), run the batch on an ONNX Runtime CPU session opened as
-the server opens it (``OnnxClassifier``, intra-op threads = available CPUs, one inter-op
-thread) and answer the same JSON (``model``, ``version``, per image ``file``, ``label``,
+the server opens it (``OnnxClassifier``, intra-op threads = the available CPUs shared out
+over the inference workers, one inter-op thread) and answer the same JSON (``model``, ``version``, per image ``file``, ``label``,
 ``confidence``, ``top_k``, ``probabilities``). Batching as ``pixelmill serve``'s defaults: up to
 32 images, 5 ms.
 
-LitServe's own layout is kept: one inference worker (``workers_per_device=1``), one API server
-process, its default queues; ``decode_request`` runs in the inference worker, as LitServe
-places it.
+LitServe's own layout is kept: one API server process, its default queues, ``decode_request``
+in the inference worker, as LitServe places it. ``python benchmarks/_litserve_peer.py BUNDLE
+PORT WORKERS`` runs WORKERS inference workers (``workers_per_device``, default 1), each
+session with the available CPUs shared out between them, as ``pixelmill serve --workers`` does.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ MAX_PIXELS = 25_000_000  # pixelmill serve: PIXELMILL_MAX_PIXELS default
 class BundleAPI(ls.LitAPI):
     """A pixelmill bundle on ONNX Runtime behind LitServe's batching loop."""
 
-    def __init__(self, bundle: str) -> None:
+    def __init__(self, bundle: str, workers: int = 1) -> None:
         super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S)
         self.bundle_path = bundle
+        self.workers = workers
 
     def setup(self, device: str) -> None:
         from pixelmill.export.bundle import read_bundle
@@ -47,7 +49,7 @@ class BundleAPI(ls.LitAPI):
         bundle = read_bundle(self.bundle_path)
         self.model_name = bundle.name
         self.preprocessing = bundle.preprocessing
-        self.classifier = OnnxClassifier(bundle, intra_op_threads=available_cpus(), inter_op_threads=1)
+        self.classifier = OnnxClassifier(bundle, intra_op_threads=max(1, available_cpus() // self.workers), inter_op_threads=1)
         self.classifier.run(self.classifier.warmup_batch())  # as pixelmill serve warms up before it is ready
 
     # No annotation on ``request`` or on ``encode_response``'s result: LitServe reads them to
@@ -88,12 +90,13 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main() -> None:
     bundle, port = sys.argv[1], int(sys.argv[2])
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     if not Path(bundle).is_dir():
         sys.exit(f"no bundle directory at {bundle}")
     # LitServe shuts its worker and API server processes down on KeyboardInterrupt; on a bare
     # SIGTERM its main process would die alone and leave them running.
     signal.signal(signal.SIGTERM, _interrupt)
-    server = ls.LitServer(BundleAPI(bundle), accelerator="cpu", devices=1, workers_per_device=1)
+    server = ls.LitServer(BundleAPI(bundle, workers), accelerator="cpu", devices=1, workers_per_device=workers)
     server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False)
 
 

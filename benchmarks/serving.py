@@ -7,7 +7,9 @@ in this process), for a fixed time each; dynamic batching on (the defaults: up t
 5 ms) and off (``PIXELMILL_MAX_BATCH_SIZE=1``).
 
 - The limit: the same bundle in-process (``OnnxClassifier``): decode the same JPEG bytes,
-  prepare, run in batches of 32 - everything the server does per image but HTTP.
+  prepare, run in batches of 32 - everything the server does per image but HTTP. The ceiling:
+  the same in as many processes as CPUs at once, one ONNX Runtime thread each (the layout that
+  wastes the least): no server can answer more images per second on this machine.
 - MLflow: the same run registered with ``pixelmill registry register`` and served by
   ``mlflow models serve -m models:/NAME/1 --env-manager local``. Its ONNX flavour takes
   tensors, not image files, so each request carries the already-prepared (1, 224, 224, 3)
@@ -15,11 +17,14 @@ in this process), for a fixed time each; dynamic batching on (the defaults: up t
 
 - LitServe (``benchmarks/_litserve_peer.py``, the ``bench`` extra): the same bundle behind
   ``litserve.LitServer``, doing the same work per request (the multipart upload decoded and
-  prepared by pixelmill's own ``decode_image``, ONNX Runtime on all CPUs, top-k JSON) with
-  the same batching (32 images, 5 ms). It and ``pixelmill serve`` run side by side at 32
-  clients and take turns in rounds; the one not being measured is paused (SIGSTOP), so
-  neither pays for the other's idle work (LitServe's batching loop polls its queue every
-  millisecond). The claim is the median round's ratio. The full run repeats the comparison
+  prepared by pixelmill's own ``decode_image``, top-k JSON) with the same batching (32
+  images, 5 ms). Each runs as its user would on this CPU: ``pixelmill serve --workers N``
+  (N = available CPUs, one ONNX Runtime thread each, as the README recommends), and LitServe
+  in its default layout (one inference worker, ONNX Runtime on all CPUs) and with N inference
+  workers of one thread each. They run side by side at 32 clients and take turns in rounds;
+  those not being measured are paused (SIGSTOP), so none pays for another's idle work
+  (LitServe's batching loop polls its queue every millisecond). The claim is the median
+  round's ratio to the faster LitServe of that round. The full run repeats the comparison
   with the small CNN at 64 px (no target), where inference is cheap and each server's own
   work per request (HTTP, multipart, batching, answers) decides.
 - Memory: RSS of the ``pixelmill serve`` process and its children serving the bundle once,
@@ -32,6 +37,7 @@ All load goes to 127.0.0.1, bounded in time and request count; servers are stopp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -88,6 +94,57 @@ def in_process_limit(bundle: Path, images: list[bytes], seconds: float) -> float
         one_batch()
         done += len(batch)
     return done / (time.perf_counter() - start)
+
+
+def _ceiling_process(bundle: Path, images: list[bytes], conn) -> None:
+    """A ceiling process: warm up, then per request ``seconds`` of :func:`in_process_limit`'s loop on one thread."""
+    from PIL import Image
+
+    from pixelmill.export.bundle import read_bundle
+    from pixelmill.tasks.image_classification.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(read_bundle(bundle), intra_op_threads=1)
+    batch = [images[i % len(images)] for i in range(32)]
+
+    def one_batch() -> None:
+        clf.run(np.stack([clf.prepare(Image.open(io.BytesIO(b))) for b in batch]))
+
+    one_batch()
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        done, begin = 0, time.perf_counter()
+        while time.perf_counter() - begin < seconds:
+            one_batch()
+            done += len(batch)
+        conn.send(done / (time.perf_counter() - begin))
+
+
+@contextlib.contextmanager
+def in_process_ceiling(bundle: Path, images: list[bytes], processes: int):
+    """``measure(seconds)``: images/s of ``processes`` processes at once, each decoding, preparing and running batches
+    of 32 on one ONNX Runtime thread: the most any server could answer on this CPU (one thread per core wastes least)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(processes)]
+    procs = [ctx.Process(target=_ceiling_process, args=(bundle, images, child), daemon=True) for _, child in pipes]
+    for proc in procs:
+        proc.start()
+    for conn, _ in pipes:
+        assert conn.recv() == "ready"
+
+    def measure(seconds: float) -> float:
+        for conn, _ in pipes:
+            conn.send(seconds)
+        return sum(conn.recv() for conn, _ in pipes)
+
+    try:
+        yield measure
+    finally:
+        for conn, _ in pipes:
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=30)
 
 
 def tree_rss(pid: int) -> int:
@@ -241,30 +298,50 @@ def pixelmill_levels(report: Report, bundle: Path, images: list[bytes], levels: 
     return out
 
 
+CEILING = "no-HTTP ceiling"
+
+
 def litserve_level(
     report: Report, bundle: Path, images: list[bytes], clients: int, seconds: float, rounds: int, target: float | None = 1.2, label: str = ""
 ) -> float | None:
     """Median over ``rounds`` of pixelmill serve / LitServe requests/s at ``clients`` connections; None without LitServe.
 
-    Both servers run the whole time; after an unrecorded warm-up each side gets ``seconds`` of
-    load per round (the order alternates) while the other one is paused.
+    Each server runs in both layouts its user could pick on this CPU: one process with ONNX
+    Runtime on every CPU (pixelmill's default; LitServe's default of one inference worker), and N
+    processes of one ONNX Runtime thread each (N = the available CPUs: ``pixelmill serve
+    --workers N``; LitServe ``workers_per_device=N``); each round's ratio is the faster pixelmill
+    over the faster LitServe. The no-HTTP ceiling (:func:`in_process_ceiling`) takes its turn in
+    the same rounds: the ceiling over the faster LitServe is the most any server could lead by.
+    Every server runs the whole time; after an unrecorded warm-up each side gets ``seconds`` of
+    load per round (the order alternates) while the others are paused.
     """
     try:
         import litserve  # noqa: F401
     except ImportError:
         report.note("LitServe is not installed (pip install -e '.[bench]'): the LitServe comparison did not run")
         return None
-    pm_port, ls_port = free_port(), free_port()
-    pm_url, ls_url = f"http://127.0.0.1:{pm_port}", f"http://127.0.0.1:{ls_port}"
-    pm_cmd = [pixelmill_bin(), "serve", str(bundle), "--port", str(pm_port)]
-    ls_cmd = [sys.executable, str(Path(__file__).resolve().with_name("_litserve_peer.py")), str(bundle), str(ls_port)]
+    from pixelmill.serving.settings import available_cpus
+
+    workers = available_cpus()
+    peer = str(Path(__file__).resolve().with_name("_litserve_peer.py"))
+    commands = {"pixelmill serve": [pixelmill_bin(), "serve", str(bundle)], "LitServe": [sys.executable, peer, str(bundle)]}
+    if workers > 1:
+        commands[f"pixelmill serve --workers {workers}"] = [pixelmill_bin(), "serve", str(bundle), "--workers", str(workers)]
+        commands[f"LitServe, {workers} workers"] = [sys.executable, peer, str(bundle), "PORT", str(workers)]
     body = multipart(images)
-    latencies: dict[str, list[float]] = {"pixelmill serve": [], "LitServe": []}
-    with Server(pm_cmd, f"{pm_url}/v2/health/ready", {"PIXELMILL_LOG_LEVEL": "warning"}, group=True) as pm, Server(ls_cmd, f"{ls_url}/health", group=True) as peer:
-        report.figure("LitServe: start to ready", peer.ready_s, "s")
-        servers = {"pixelmill serve": (pm, f"{pm_url}/predict"), "LitServe": (peer, f"{ls_url}/predict")}
-        for server, _ in servers.values():
+    latencies: dict[str, list[float]] = {name: [] for name in commands}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, cmd in commands.items():
+            port = free_port()
+            pixelmill = name.startswith("pixelmill")
+            cmd = [*cmd, "--port", str(port)] if pixelmill else [*cmd[:3], str(port), *cmd[4:]]
+            url = f"http://127.0.0.1:{port}"
+            ready = f"{url}/v2/health/ready" if pixelmill else f"{url}/health"
+            server = stack.enter_context(Server(cmd, ready, {"PIXELMILL_LOG_LEVEL": "warning"}, group=True))
+            report.figure(f"{name}: start to ready", server.ready_s, "s")
             server.pause()
+            servers[name] = (server, f"{url}/predict")
 
         def side(name: str, duration: float):
             def measure() -> list[float]:
@@ -279,20 +356,33 @@ def litserve_level(
 
             return measure
 
-        for name in servers:  # unrecorded: full batches once, so both sessions have grown their buffers to 32 images
+        for name in servers:  # unrecorded: full batches once, so every session has grown its buffers to 32 images
             side(name, min(seconds, 1.0))()
             latencies[name].clear()
-        rps = interleave({name: side(name, seconds) for name in servers}, rounds)
-        report.figure("LitServe: RSS after the rounds, all its processes", peer.rss() / 2**20, "MiB")
+        sides = {name: side(name, seconds) for name in servers}
+        ceiling = stack.enter_context(in_process_ceiling(bundle, images, workers))
+        sides[CEILING] = lambda: [ceiling(seconds)]
+        rps = interleave(sides, rounds)
+        for name, (server, _) in servers.items():
+            report.figure(f"{name}: RSS after the rounds, all its processes", server.rss() / 2**20, "MiB")
     for side_name, values in rps.items():
-        lat = np.asarray(latencies[side_name]) * 1000
+        lat = np.asarray(latencies.get(side_name) or [0.0]) * 1000
         report.figure(
-            f"{side_name}{label} (alternating with {'LitServe' if side_name == 'pixelmill serve' else 'pixelmill serve'}), {clients} clients", median(values), "requests/s",
+            f"{side_name}{label} (alternating with the others), {clients} clients", median(values), "images/s" if side_name == CEILING else "requests/s",
             p50_ms=round(float(np.percentile(lat, 50)), 1), p99_ms=round(float(np.percentile(lat, 99)), 1), rounds=rounds, per_round="/".join(f"{v:.0f}" for v in values),
         )
-    ratios = [a / b for a, b in zip(rps["pixelmill serve"], rps["LitServe"])]
+
+    def best(prefix: str) -> list[float]:
+        return [max(round_) for round_ in zip(*(values for name, values in rps.items() if name.startswith(prefix)))]
+
+    ratios = [pm / ls for pm, ls in zip(best("pixelmill"), best("LitServe"))]
+    report.figure(
+        f"serving {clients} clients{label}: the no-HTTP ceiling / the faster LitServe (the most any server could lead by, median round)",
+        median([c / ls for c, ls in zip(rps[CEILING], best("LitServe"))]), "x",
+        note=f"ceiling: {workers} processes at once, one ONNX Runtime thread each, decode + prepare + run, batches of 32",
+    )
     name = f"serving {clients} clients{label}: pixelmill / LitServe requests/s (median round)"
-    note = f"per round {min(ratios):.2f}-{max(ratios):.2f}; same bundle, work and batching (32 images, 5 ms)"
+    note = f"per round {min(ratios):.2f}-{max(ratios):.2f}; each side's faster layout of the round; same bundle, work and batching (32 images, 5 ms)"
     if target is None:
         report.figure(name, median(ratios), "x", note=note)
     else:

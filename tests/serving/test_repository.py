@@ -224,7 +224,10 @@ def test_a_folder_of_bundles_serves_each_name_and_version(start_server, bundle_d
 
 
 @pytest.mark.slow
-def test_the_alias_moves_three_times_under_load_without_a_failed_request(start_server, trained_run: Path, bundle_dir: Path, tmp_path: Path, digit_files: list[Path]) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_alias_moves_three_times_under_load_without_a_failed_request(
+    workers: str, start_server, trained_run: Path, bundle_dir: Path, tmp_path: Path, digit_files: list[Path]
+) -> None:
     from pixelmill.model_registry import promote, register
 
     run_copy = tmp_path / "run"
@@ -239,7 +242,7 @@ def test_the_alias_moves_three_times_under_load_without_a_failed_request(start_s
     promote("fleet", versions[0].version, alias="champion", tracking_uri=store)
 
     env = {"PIXELMILL_CACHE_DIR": str(tmp_path / "cache"), "PIXELMILL_MAX_DELAY_MS": "2"}
-    with start_server(model="models:/fleet@champion", args=("--tracking-uri", store), env=env) as srv:
+    with start_server(model="models:/fleet@champion", args=("--tracking-uri", store, "--workers", workers), env=env) as srv:
         stop = threading.Event()
         seen: list[list[str]] = [[] for _ in range(16)]
         failures: list[str] = []

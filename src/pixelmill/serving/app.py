@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -23,6 +24,7 @@ from pixelmill.serving.repository import Repository, RepositoryError
 from pixelmill.serving.routes import explain, health, metrics, predict, v2
 from pixelmill.serving.routes import repository as repository_routes
 from pixelmill.serving.settings import ServeSettings, available_cpus
+from pixelmill.serving.shared import STATE_DIR_ENV, SharedState
 from pixelmill.serving.telemetry import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,8 @@ def _declare_bearer_auth(app: FastAPI, exempt: frozenset[str] = frozenset({LIVEN
 def _reload_on_sighup(repository: Repository) -> bool:
     """SIGHUP loads every served name again (a moved ``models:/NAME@ALIAS`` brings its new version in).
 
-    With several uvicorn workers the supervisor owns SIGHUP (it restarts the workers, which
-    resolve their models again at start), so only a single-process server installs this.
+    With several workers, the server's supervisor passes its SIGHUP to one worker, which
+    reloads and shares the result with the others (:mod:`pixelmill.serving.shared`).
     """
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task] = set()
@@ -103,21 +105,24 @@ def _reload_on_sighup(repository: Repository) -> bool:
     return True
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
-    """Build the app: routes, limits, auth, rate limit, metrics. The model loads when the app starts."""
+def create_app(settings: ServeSettings, shared_dir: str | None = None) -> FastAPI:
+    """Build the app: routes, limits, auth, rate limit, metrics. The model loads when the app starts.
+
+    ``shared_dir``: the folder where the workers of one server share their repository state.
+    """
     telemetry = ServingMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository = Repository(settings, telemetry)
         try:
-            await repository.start()
+            await (repository.start() if shared_dir is None else repository.start_shared(SharedState(shared_dir)))
         except BaseException:
             await repository.stop()
             raise
         app.state.repository = repository
         app.state.decode_limiter = anyio.CapacityLimiter(available_cpus())
-        hangup = _reload_on_sighup(repository) if settings.workers == 1 else False
+        hangup = _reload_on_sighup(repository)
         try:
             yield
         finally:
@@ -154,4 +159,4 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for multi-worker serving: every worker builds its app from PIXELMILL_* variables."""
-    return create_app(ServeSettings())
+    return create_app(ServeSettings(), os.environ.get(STATE_DIR_ENV))

@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Awaitable, Callable, Mapping, Optional
 
 import anyio
 import numpy as np
@@ -35,6 +35,7 @@ from pixelmill.errors import ConfigError, PixelmillError
 from pixelmill.export.bundle import BUNDLE_FILE, Bundle
 from pixelmill.serving.engine import Engine, load_bundle
 from pixelmill.serving.settings import ServeSettings
+from pixelmill.serving.shared import POLL_S, SharedState
 from pixelmill.serving.telemetry import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,8 @@ class Repository:
         self._from_folders: set[ModelSpec] = set()  # SPECs found in a folder repository: load scans the folder again instead
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self.shared: SharedState | None = None  # with several workers: the state they share
+        self.generation = 0  # of the shared state this worker serves
 
     # --- start and stop -------------------------------------------------------------------------
 
@@ -269,6 +272,8 @@ class Repository:
         self.models.clear()
         for engine in engines:
             await engine.stop()
+        if self.shared is not None:
+            self.shared.leave()
 
     async def _engine(self, found: Resolved) -> Engine:
         """Open, warm up and start the engine of a resolved SPEC (errors propagate: nothing was serving it yet)."""
@@ -401,13 +406,15 @@ class Repository:
         }
 
     async def set_traffic(self, name: str, weights: Mapping[str, float], shadow: Optional[str]) -> dict[str, Any]:
-        async with self._lock:
+        async def change() -> dict[str, Any]:
             try:
                 self._set_traffic(self._model(name), dict(weights), shadow)
             except ConfigError as exc:
                 raise RepositoryError(str(exc), 422) from None
             log.info("traffic of %s: weights %s, shadow %s", name, dict(weights) or "none", shadow or "none")
             return self.traffic(name)
+
+        return await self._change(change)
 
     def _set_traffic(self, model: ServedModel, weights: dict[str, float], shadow: Optional[str]) -> None:
         if weights:
@@ -419,50 +426,52 @@ class Repository:
 
     async def load(self, name: str) -> dict[str, Any]:
         """Resolve the name's SPECs again (a moved alias brings its new version); new versions take traffic once warmed up."""
-        async with self._lock:
-            model = self.models.get(name)
-            if model is None:
-                model = self._known_elsewhere(name)
-            specs = [s for s in model.specs if s not in self._from_folders] + self._in_folders(name)  # a folder may have new versions
-            if not specs:
-                raise RepositoryError(f"model '{name}' is no longer in its folder repository", 404)
+        return await self._change(lambda: self._load(name))
+
+    async def _load(self, name: str) -> dict[str, Any]:
+        model = self.models.get(name)
+        if model is None:
+            model = self._known_elsewhere(name)
+        specs = [s for s in model.specs if s not in self._from_folders] + self._in_folders(name)  # a folder may have new versions
+        if not specs:
+            raise RepositoryError(f"model '{name}' is no longer in its folder repository", 404)
+        try:
+            resolved = await anyio.to_thread.run_sync(resolve_all, specs, self.settings)
+        except PixelmillError as exc:
+            raise self._refused(name, exc) from None
+        if any(found.name != name for found in resolved):
+            others = sorted({found.name for found in resolved} - {name})
+            raise self._refused(name, ConfigError(f"its sources now resolve to other names too ({', '.join(others)})"))
+        keep = {v: e for v, e in model.versions.items() if any(f.version == v and f.digest == e.digest for f in resolved)}
+        versions: dict[str, Engine] = {}
+        started: list[Engine] = []
+        for found in resolved:
+            if found.version in keep:
+                versions[found.version] = keep[found.version]
+                continue
             try:
-                resolved = await anyio.to_thread.run_sync(resolve_all, specs, self.settings)
-            except PixelmillError as exc:
-                raise self._refused(name, exc) from None
-            if any(found.name != name for found in resolved):
-                others = sorted({found.name for found in resolved} - {name})
-                raise self._refused(name, ConfigError(f"its sources now resolve to other names too ({', '.join(others)})"))
-            keep = {v: e for v, e in model.versions.items() if any(f.version == v and f.digest == e.digest for f in resolved)}
-            versions: dict[str, Engine] = {}
-            started: list[Engine] = []
-            for found in resolved:
-                if found.version in keep:
-                    versions[found.version] = keep[found.version]
-                    continue
-                try:
-                    engine = await self._engine(found)
-                except Exception as exc:  # noqa: BLE001 - any failure leaves the old versions serving
-                    for fresh in started:
-                        await fresh.stop()
-                    raise self._refused(name, exc) from None
-                started.append(engine)
-                versions[found.version] = engine
-            dropped = model.in_split() - set(versions)
-            if dropped:
+                engine = await self._engine(found)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the old versions serving
                 for fresh in started:
                     await fresh.stop()
-                raise self._refused(name, RepositoryError(f"version(s) {', '.join(sorted(dropped))} would leave while traffic is split to them; change the split first", 409))
-            retired = [e for v, e in model.versions.items() if versions.get(v) is not e]
-            model.versions, model.default = versions, resolved[0].version  # one assignment: the next request sees the new set
-            model.specs = specs
-            self.models[name] = model
-            self.unavailable.pop(name, None)
-            for engine in retired:
-                self._retire(engine)
-            for engine in started:
-                log.info("loaded %s version %s from %s", name, engine.version, engine.bundle.path)
-            return {"name": name, "default": model.default, "versions": sorted(versions, key=_version_order), "loaded": [e.version for e in started]}
+                raise self._refused(name, exc) from None
+            started.append(engine)
+            versions[found.version] = engine
+        dropped = model.in_split() - set(versions)
+        if dropped:
+            for fresh in started:
+                await fresh.stop()
+            raise self._refused(name, RepositoryError(f"version(s) {', '.join(sorted(dropped))} would leave while traffic is split to them; change the split first", 409))
+        retired = [e for v, e in model.versions.items() if versions.get(v) is not e]
+        model.versions, model.default = versions, resolved[0].version  # one assignment: the next request sees the new set
+        model.specs = specs
+        self.models[name] = model
+        self.unavailable.pop(name, None)
+        for engine in retired:
+            self._retire(engine)
+        for engine in started:
+            log.info("loaded %s version %s from %s", name, engine.version, engine.bundle.path)
+        return {"name": name, "default": model.default, "versions": sorted(versions, key=_version_order), "loaded": [e.version for e in started]}
 
     def _refused(self, name: str, exc: Exception) -> RepositoryError:
         model = self.models.get(name)
@@ -495,25 +504,27 @@ class Repository:
 
     async def unload(self, name: str, version: Optional[str] = None) -> dict[str, Any]:
         """Stop serving a name (or one version); refused while traffic is split or shadowed to what would leave."""
-        async with self._lock:
-            model = self._model(name)
-            leaving = {version} if version else set(model.versions)
-            if version and version not in model.versions:
-                self.engine(name, version)  # the 404
-            if model.in_split() & leaving:
-                raise RepositoryError(
-                    f"'{name}' version(s) {', '.join(sorted(model.in_split() & leaving))} take part in its traffic split; "
-                    f"change the split first (POST /v2/repository/models/{name}/traffic)", 409
-                )
-            for v in leaving:
-                self._retire(model.versions.pop(v))
-            if not model.versions:
-                del self.models[name]
-                self.unavailable[name] = (model, "unloaded")
-            elif model.default in leaving:
-                model.default = max(model.versions, key=_version_order)
-            log.info("unloaded %s version(s) %s", name, ", ".join(sorted(leaving, key=_version_order)))
-            return {"name": name, "unloaded": sorted(leaving, key=_version_order)}
+        return await self._change(lambda: self._unload(name, version))
+
+    async def _unload(self, name: str, version: Optional[str]) -> dict[str, Any]:
+        model = self._model(name)
+        leaving = {version} if version else set(model.versions)
+        if version and version not in model.versions:
+            self.engine(name, version)  # the 404
+        if model.in_split() & leaving:
+            raise RepositoryError(
+                f"'{name}' version(s) {', '.join(sorted(model.in_split() & leaving))} take part in its traffic split; "
+                f"change the split first (POST /v2/repository/models/{name}/traffic)", 409
+            )
+        for v in leaving:
+            self._retire(model.versions.pop(v))
+        if not model.versions:
+            del self.models[name]
+            self.unavailable[name] = (model, "unloaded")
+        elif model.default in leaving:
+            model.default = max(model.versions, key=_version_order)
+        log.info("unloaded %s version(s) %s", name, ", ".join(sorted(leaving, key=_version_order)))
+        return {"name": name, "unloaded": sorted(leaving, key=_version_order)}
 
     async def reload_all(self) -> None:
         """SIGHUP: load every served name again; a failure is logged and leaves that name as it was."""
@@ -522,6 +533,126 @@ class Repository:
                 await self.load(name)
             except RepositoryError:
                 pass  # logged by load
+
+    # --- several workers: one repository state (see pixelmill.serving.shared) ---------------------
+
+    async def _change(self, change: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run one load, unload or traffic change; with siblings, publish the new state and answer once they serve it too."""
+        if self.shared is None:
+            async with self._lock:
+                return await change()
+        async with self.shared.locked():
+            async with self._lock:
+                await self._catch_up()  # a sibling's change first: this one builds on it
+                result = await change()
+                self.generation += 1
+                self.shared.publish(self.snapshot(), self.generation)
+                self.shared.ack(self.generation)
+        confirmed = await self.shared.confirmed(self.generation)
+        if confirmed["failed"] or confirmed["pending"]:
+            raise RepositoryError(
+                f"applied by this worker, but not by worker(s) {', '.join([*confirmed['failed'], *map(str, confirmed['pending'])])} "
+                f"({'; '.join(confirmed['failed'].values()) or 'no answer'}); send SIGHUP to the server to load every model again", 500
+            )
+        return {**result, "workers": confirmed["workers"]}
+
+    async def start_shared(self, shared: SharedState) -> None:
+        """Start as one of several workers: from the shared state when there is one, else from the SPECs (then publish them)."""
+        self.shared = shared
+        shared.join()
+        state = shared.read()
+        if state is None:
+            await self.start()
+            async with shared.locked():
+                state = shared.read()
+                if state is None:  # the first worker to get here publishes what it resolved; the others take it
+                    self.generation = 1
+                    shared.publish(self.snapshot(), self.generation)
+        async with self._lock:
+            await self._catch_up()
+        shared.ack(self.generation)
+        task = asyncio.get_running_loop().create_task(self._follow())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow(self) -> None:
+        """Apply each newer state a sibling publishes (one stat() per poll; see pixelmill.serving.shared)."""
+        assert self.shared is not None
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self.shared.changed():
+                async with self._lock:
+                    await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Apply the shared state if it is newer than what this worker serves; acknowledge it either way."""
+        assert self.shared is not None
+        state = self.shared.read()
+        if state is None or state["generation"] <= self.generation:
+            return
+        error = ""
+        try:
+            await self.apply(state)
+        except Exception as exc:  # noqa: BLE001 - this worker keeps what it served; the worker that made the change reports it
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("could not apply repository generation %d: %s; still serving %s", state["generation"], error, ", ".join(self.names()) or "nothing")
+        self.generation = state["generation"]
+        self.shared.ack(self.generation, error)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this repository serves, as JSON: every name's SPECs, versions (bundle path, model hash), default, weights, shadow."""
+        models = {
+            name: {
+                "specs": [str(s) for s in model.specs],
+                "versions": {v: {"path": str(e.bundle.path), "digest": e.digest} for v, e in model.versions.items()},
+                "default": model.default,
+                "weights": model.weights,
+                "shadow": model.shadow,
+            }
+            for name, model in self.models.items()
+        }
+        unavailable = {name: {"specs": [str(s) for s in model.specs], "reason": reason} for name, (model, reason) in self.unavailable.items()}
+        return {"models": models, "unavailable": unavailable, "from_folders": sorted(map(str, self._from_folders))}
+
+    async def apply(self, state: Mapping[str, Any]) -> None:
+        """Serve what ``state`` (a :meth:`snapshot`) says: versions with the same model hash keep their engine, others load
+        from the same verified bundles; all or nothing (a failure stops what it started and raises)."""
+        started: list[Engine] = []
+        plan: dict[str, dict[str, Engine]] = {}
+        try:
+            for name, entry in state["models"].items():
+                current = self.models[name].versions if name in self.models else {}
+                plan[name] = {}
+                for version, row in entry["versions"].items():
+                    engine = current.get(version)
+                    if engine is None or engine.digest != row["digest"]:
+                        bundle = await anyio.to_thread.run_sync(load_bundle, row["path"])
+                        found = Resolved(ModelSpec(row["path"]), name, version, bundle)
+                        if found.digest != row["digest"]:
+                            raise RepositoryError(f"{row['path']} changed since another worker loaded it (model sha256 {found.digest[:12]}, expected {row['digest'][:12]})")
+                        engine = await self._engine(found)
+                        started.append(engine)
+                    plan[name][version] = engine
+        except BaseException:
+            for engine in started:
+                await engine.stop()
+            raise
+        kept = {id(e) for versions in plan.values() for e in versions.values()}
+        retired = [e for m in self.models.values() for e in m.versions.values() if id(e) not in kept]
+        for name, entry in state["models"].items():
+            model = self.models.get(name) or ServedModel(name, [])
+            model.specs = [parse_spec(s) for s in entry["specs"]]
+            model.versions, model.default = plan[name], entry["default"]
+            model.weights, model.shadow = dict(entry["weights"]), entry["shadow"]
+            self.models[name] = model
+        for name in set(self.models) - set(state["models"]):
+            del self.models[name]
+        self.unavailable = {name: (ServedModel(name, [parse_spec(s) for s in row["specs"]]), row["reason"]) for name, row in state["unavailable"].items()}
+        self._from_folders = {parse_spec(s) for s in state["from_folders"]}
+        for engine in retired:
+            self._retire(engine)
+        for engine in started:
+            log.info("loaded %s version %s from %s (as another worker did)", engine.name, engine.version, engine.bundle.path)
 
     def _retire(self, engine: Engine) -> None:
         """Stop an engine once the requests it holds are answered (in the background)."""

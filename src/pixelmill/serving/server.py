@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import tempfile
 from functools import partial
 
 from pixelmill.serving.logs import logging_config
 from pixelmill.serving.repository import check_plan
 from pixelmill.serving.settings import ServeSettings, settings_env
+from pixelmill.serving.shared import STATE_DIR_ENV
+
+log = logging.getLogger(__name__)
 
 
 def serve(settings: ServeSettings) -> None:
@@ -15,8 +21,8 @@ def serve(settings: ServeSettings) -> None:
     split to a version that is not served, an unknown execution provider: each fails here
     (BundleError, ConfigError), before any port is bound.
 
-    Workers get the SPECs as given, so ``models:/NAME@ALIAS`` is resolved by each at its start
-    (and again when SIGHUP makes uvicorn restart them).
+    With several workers, the first to start resolves the SPECs and shares what it serves with
+    the others (:mod:`pixelmill.serving.shared`); SIGHUP goes to one worker, which reloads.
     """
     import uvicorn
 
@@ -39,4 +45,31 @@ def serve(settings: ServeSettings) -> None:
         uvicorn.run(create_app(settings), **options)
         return
     os.environ.update(settings_env(settings))  # workers are new processes: they read PIXELMILL_*
-    uvicorn.run("pixelmill.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
+    with tempfile.TemporaryDirectory(prefix="pixelmill-serve-") as shared:
+        os.environ[STATE_DIR_ENV] = shared  # where the workers share what is served (pixelmill.serving.shared)
+        config = uvicorn.Config("pixelmill.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
+        try:
+            _supervisor_class()(config, sockets=[config.bind_socket()]).run()
+        except KeyboardInterrupt:
+            pass
+
+
+def _supervisor_class() -> type:
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's worker supervisor, but SIGHUP reloads the models instead of restarting the workers.
+
+        Restarted workers would start from the state the workers share, not resolve
+        ``models:/NAME@ALIAS`` again; so one living worker gets the SIGHUP, reloads every name
+        as a single-process server does, and the others take the result from it.
+        """
+
+        def handle_hup(self) -> None:
+            for process in self.processes:
+                if process.pid is not None and process.is_alive(timeout=1):
+                    log.info("SIGHUP: worker %s loads every model again and shares the result", process.pid)
+                    os.kill(process.pid, signal.SIGHUP)
+                    return
+
+    return Supervisor

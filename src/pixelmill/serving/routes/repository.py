@@ -6,9 +6,8 @@ new version in, checked and warmed up before it takes traffic); ``unload`` takes
 ``parameters.version``. ``.../traffic`` reads or sets a name's split by weight and its shadow.
 With an admin token set (``PIXELMILL_ADMIN_TOKEN``) every route here needs it.
 
-A server with several uvicorn workers refuses these routes (409): a request reaches one worker
-and would change one of them; SIGHUP to the server process restarts every worker instead, and
-each resolves its models again.
+With several workers, the worker a change reaches makes it, shares the new state with the
+others and answers once every one serves it (``"workers"`` in the answer counts them).
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from typing import Any, Optional
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from pixelmill.serving.repository import Repository
-from pixelmill.serving.routes import ERRORS, repository_of, settings_of
+from pixelmill.serving.routes import ERRORS, repository_of
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"])
 
-_RESPONSES = {**ERRORS, 409: {"description": "Refused: traffic is split to what would leave, or the server runs several workers"}}
+_RESPONSES = {**ERRORS, 409: {"description": "Refused: traffic is split to what would leave"}}
 
 
 class IndexEntry(BaseModel):
@@ -54,13 +52,6 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _managed(request: Request) -> Repository:
-    workers = settings_of(request).workers
-    if workers > 1:
-        raise HTTPException(409, f"this server runs {workers} worker processes and a request reaches one of them; send SIGHUP to the server process to load every model again")
-    return repository_of(request)
-
-
 @router.post("/index", response_model=list[IndexEntry], responses=ERRORS)
 async def index(request: Request) -> list[IndexEntry]:
     """Every model name and version, READY or UNAVAILABLE (unloaded) with the reason; ``{"ready": true}`` lists the ready ones only."""
@@ -73,7 +64,7 @@ async def index(request: Request) -> list[IndexEntry]:
 async def load(name: str, request: Request) -> dict[str, Any]:
     """Load a name again from its sources: new versions take traffic once verified and warmed up; a failure leaves the old ones serving."""
     await _body(request)  # tritonclient sends its own parameters (config, files): pixelmill loads from the sources it was given
-    return await _managed(request).load(name)
+    return await repository_of(request).load(name)
 
 
 @router.post("/models/{name}/unload", responses=_RESPONSES)
@@ -81,7 +72,7 @@ async def unload(name: str, request: Request) -> dict[str, Any]:
     """Stop serving a name, or one version (``{"parameters": {"version": "2"}}``), once its in-flight requests are answered."""
     parameters = (await _body(request)).get("parameters") or {}
     version = parameters.get("version") if isinstance(parameters, dict) else None
-    return await _managed(request).unload(name, None if version is None else str(version))
+    return await repository_of(request).unload(name, None if version is None else str(version))
 
 
 @router.get("/models/{name}/traffic", responses=ERRORS)
@@ -97,4 +88,4 @@ async def set_traffic(name: str, request: Request) -> dict[str, Any]:
         traffic = Traffic.model_validate(await _body(request))
     except ValidationError as exc:
         raise HTTPException(422, "invalid traffic: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])) from None
-    return await _managed(request).set_traffic(name, traffic.weights, traffic.shadow)
+    return await repository_of(request).set_traffic(name, traffic.weights, traffic.shadow)
