@@ -75,48 +75,41 @@ def payloads(size: int, n: int = 16) -> list[bytes]:
     return out
 
 
-def in_process_limit(bundle: Path, images: list[bytes], seconds: float) -> float:
-    """Images/s of decode + prepare + ``OnnxClassifier.run`` in batches of 32, no HTTP."""
+def _warm_runner(bundle: Path, images: list[bytes], threads: int | None = None):
+    """``run(seconds)`` -> images/s of decode + prepare + ``OnnxClassifier.run`` in batches of 32, no HTTP (warmed up)."""
     from PIL import Image
 
     from pixelmill.export.bundle import read_bundle
     from pixelmill.tasks.image_classification.runtime import OnnxClassifier
 
-    clf = OnnxClassifier(read_bundle(bundle))
+    clf = OnnxClassifier(read_bundle(bundle), intra_op_threads=threads)
     batch = [images[i % len(images)] for i in range(32)]
 
     def one_batch() -> None:
         clf.run(np.stack([clf.prepare(Image.open(io.BytesIO(b))) for b in batch]))
 
+    def run(seconds: float) -> float:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            one_batch()
+            done += len(batch)
+        return done / (time.perf_counter() - start)
+
     one_batch()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        one_batch()
-        done += len(batch)
-    return done / (time.perf_counter() - start)
+    return run
+
+
+def in_process_limit(bundle: Path, images: list[bytes], seconds: float) -> float:
+    """Images/s of decode + prepare + ``OnnxClassifier.run`` in batches of 32, no HTTP."""
+    return _warm_runner(bundle, images)(seconds)
 
 
 def _ceiling_process(bundle: Path, images: list[bytes], conn) -> None:
     """A ceiling process: warm up, then per request ``seconds`` of :func:`in_process_limit`'s loop on one thread."""
-    from PIL import Image
-
-    from pixelmill.export.bundle import read_bundle
-    from pixelmill.tasks.image_classification.runtime import OnnxClassifier
-
-    clf = OnnxClassifier(read_bundle(bundle), intra_op_threads=1)
-    batch = [images[i % len(images)] for i in range(32)]
-
-    def one_batch() -> None:
-        clf.run(np.stack([clf.prepare(Image.open(io.BytesIO(b))) for b in batch]))
-
-    one_batch()
+    run = _warm_runner(bundle, images, threads=1)
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
-        done, begin = 0, time.perf_counter()
-        while time.perf_counter() - begin < seconds:
-            one_batch()
-            done += len(batch)
-        conn.send(done / (time.perf_counter() - begin))
+        conn.send(run(seconds))
 
 
 @contextlib.contextmanager
@@ -324,21 +317,23 @@ def litserve_level(
 
     workers = available_cpus()
     peer = str(Path(__file__).resolve().with_name("_litserve_peer.py"))
-    commands = {"pixelmill serve": [pixelmill_bin(), "serve", str(bundle)], "LitServe": [sys.executable, peer, str(bundle)]}
+    commands = {  # name -> (command for a port, readiness path)
+        "pixelmill serve": (lambda port: [pixelmill_bin(), "serve", str(bundle), "--port", str(port)], "/v2/health/ready"),
+        "LitServe": (lambda port: [sys.executable, peer, str(bundle), str(port)], "/health"),
+    }
     if workers > 1:
-        commands[f"pixelmill serve --workers {workers}"] = [pixelmill_bin(), "serve", str(bundle), "--workers", str(workers)]
-        commands[f"LitServe, {workers} workers"] = [sys.executable, peer, str(bundle), "PORT", str(workers)]
+        commands[f"pixelmill serve --workers {workers}"] = (
+            lambda port: [pixelmill_bin(), "serve", str(bundle), "--port", str(port), "--workers", str(workers)], "/v2/health/ready"
+        )
+        commands[f"LitServe, {workers} workers"] = (lambda port: [sys.executable, peer, str(bundle), str(port), str(workers)], "/health")
     body = multipart(images)
     latencies: dict[str, list[float]] = {name: [] for name in commands}
     with contextlib.ExitStack() as stack:
         servers = {}
-        for name, cmd in commands.items():
+        for name, (command, ready) in commands.items():
             port = free_port()
-            pixelmill = name.startswith("pixelmill")
-            cmd = [*cmd, "--port", str(port)] if pixelmill else [*cmd[:3], str(port), *cmd[4:]]
             url = f"http://127.0.0.1:{port}"
-            ready = f"{url}/v2/health/ready" if pixelmill else f"{url}/health"
-            server = stack.enter_context(Server(cmd, ready, {"PIXELMILL_LOG_LEVEL": "warning"}, group=True))
+            server = stack.enter_context(Server(command(port), url + ready, {"PIXELMILL_LOG_LEVEL": "warning"}, group=True))
             report.figure(f"{name}: start to ready", server.ready_s, "s")
             server.pause()
             servers[name] = (server, f"{url}/predict")

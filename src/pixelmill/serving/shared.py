@@ -41,9 +41,9 @@ ACK_TIMEOUT_S = 120.0
 class SharedState:
     """One worker's view of the shared directory: ``state.json``, ``lock``, ``workers/PID`` and ``acks/PID``."""
 
-    def __init__(self, folder: str | Path, pid: int | None = None) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.pid = pid or os.getpid()
+        self.pid = os.getpid()
         self.state_file = self.folder / "state.json"
         self._seen: tuple[int, int] | None = None
         for sub in ("workers", "acks"):
@@ -121,7 +121,8 @@ class SharedState:
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
             pending, failed = [], {}
-            for pid in self.siblings():
+            living = self.siblings()
+            for pid in living:
                 try:
                     ack = json.loads((self.folder / "acks" / str(pid)).read_text())
                 except (FileNotFoundError, ValueError):
@@ -137,7 +138,7 @@ class SharedState:
             log.error("worker %s could not apply repository generation %d: %s", pid, generation, error)
         if pending:
             log.error("workers %s did not apply repository generation %d within %.0f s", ", ".join(map(str, pending)), generation, ACK_TIMEOUT_S)
-        return {"workers": 1 + len(self.siblings()), "failed": failed, "pending": pending}
+        return {"workers": 1 + len(living), "failed": failed, "pending": pending}
 
 
 def _alive(pid: int) -> bool:
