@@ -57,6 +57,7 @@ def pixelmill_overrides(data: Path, out: Path, model: str, size: int, batch: int
         "data.num_workers=0",
         "data.augment.hflip=false",
         "data.cache=memory",
+        "model.channels_last=false",  # the raw loop's NCHW memory: this claim is about the framework's cost, not the format
         f"trainer.max_epochs={epochs}",
         "trainer.progress_bar=false",
         "trainer.accelerator=cpu",

@@ -27,6 +27,15 @@ def test_help_is_fast_and_does_not_import_torch():
     assert time.time() - started < 1.0 * 3  # generous for a loaded 2-core CI machine; benchmarks/startup.py measures it
 
 
+def test_the_command_leaves_its_objects_out_of_the_collection_at_exit():
+    """The last garbage collection at exit would walk every library object (seconds after a training run)."""
+    code = "import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n" \
+           "sys.argv = ['pixelmill', 'models', 'resnet1*']\nfrom pixelmill.cli import main\nmain()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0 and "resnet18" in out.stdout, out.stderr
+    assert int(out.stdout.split("frozen")[1]) > 10_000, out.stdout  # timm's model registry and the rest
+
+
 def test_models_lists_matching_names():
     out = subprocess.run(PIXELMILL + ["models", "resnet1*"], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0

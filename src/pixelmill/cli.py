@@ -729,6 +729,14 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        # The interpreter's last garbage collection at exit walks every object torch, Lightning,
+        # MLflow and matplotlib created: 2.3 s after a training run on this 2-core machine, with
+        # nothing left to write by then (trackers and files are closed; atexit hooks still run).
+        # Frozen objects are left to the process's end instead.
+        import gc
+
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -321,11 +321,31 @@ class _MemoryFormat(Callback):
         self.input = args[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_channels_last_sets_the_memory_format_of_weights_and_inputs(fast, channels_last):
+@pytest.mark.parametrize("setting, expected", [("true", True), ("false", False), ("auto", True)])  # auto: the small CNN is convolutions
+def test_channels_last_sets_the_memory_format_of_weights_and_inputs(fast, setting, expected, caplog):
     seen = _MemoryFormat()
-    train(load_config(fast(f"model.channels_last={str(channels_last).lower()}", "model.in_chans=1", "data.num_workers=0", epochs=1)), callbacks=[seen])
-    assert seen.weight is channels_last and seen.input is channels_last
+    with caplog.at_level("INFO", logger="pixelmill"):
+        train(load_config(fast(f"model.channels_last={setting}", "model.in_chans=1", "data.num_workers=0", epochs=1)), callbacks=[seen])
+    assert seen.weight is expected and seen.input is expected
+    assert ("model.channels_last=auto: on" in caplog.text) is (setting == "auto")
+
+
+def test_channels_last_auto_is_on_for_convolutional_nets_only():
+    """auto follows where the weights are: convolutions (ResNet, EfficientNet) or attention and MLPs (ViT, table MLPs)."""
+    import timm
+
+    from pixelmill.training.recipe import wants_channels_last
+
+    for name, expected in (("resnet18", True), ("efficientnet_b0", True), ("vit_tiny_patch16_224", False)):
+        assert wants_channels_last("auto", timm.create_model(name, pretrained=False, num_classes=3), name) is expected, name
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    assert wants_channels_last("auto", mlp) is False
+    assert wants_channels_last(True, mlp) is True
+
+
+def test_channels_last_takes_only_true_false_or_auto(fast):
+    with pytest.raises(ConfigError, match="'model.channels_last'; choose one of: true, false, auto"):
+        load_config(fast("model.channels_last=fast"))
 
 
 @pytest.mark.slow

@@ -190,7 +190,9 @@ def _numbers_from_text(cfg: DictConfig, key: str) -> None:
 
 
 def _check_recipe(cfg: DictConfig) -> None:
-    """The training-recipe keys that depend on each other: weight averaging and its start."""
+    """The training-recipe keys that depend on each other: weight averaging and its start; memory format."""
+    if not isinstance(cfg.model.channels_last, bool) and cfg.model.channels_last != "auto":
+        raise ConfigError(f"bad value {cfg.model.channels_last!r} for 'model.channels_last'; choose one of: true, false, auto")
     start = cfg.trainer.swa_epoch_start
     epoch = isinstance(start, int) and not isinstance(start, bool) and start >= 1
     fraction = isinstance(start, float) and 0.0 < start < 1.0

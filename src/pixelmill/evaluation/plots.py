@@ -72,10 +72,12 @@ def _grid_title(fig: Figure, text: str) -> None:
     fig.suptitle(text, fontsize=11, y=1 - GRID_MARGIN / fig.get_size_inches()[1], va="top")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, photos: bool = False) -> Path:
+    """Write ``fig`` as PNG. ``photos``: a gallery of pictures, stored with zlib's fastest level - photos barely
+    compress (a 24-image gallery: 2.4 MB at the default level 6, 2.9 MB at 1) and level 6 spent 0.7 s on it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, dpi=DPI, facecolor="white", pil_kwargs={"compress_level": 1} if photos else None)
     log.debug("Wrote plot %s", path)
     return path
 
@@ -389,7 +391,7 @@ def plot_misclassified(
             ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", fontsize=8)
         ax.set_title(_caption(class_names[y[i]], class_names[pred[i]], confidence[i]), fontsize=8, color="#b00020")
     _grid_title(fig, f"Most confident mistakes ({chosen.size} of {wrong.size} misclassified)")
-    return _save(fig, path)
+    return _save(fig, path, photos=True)
 
 
 def plot_explained(entries: list[tuple[Image.Image, np.ndarray, str, bool]], path: Path, title: str) -> Path:
@@ -406,4 +408,4 @@ def plot_explained(entries: list[tuple[Image.Image, np.ndarray, str, bool]], pat
         axes[row, 2 * col].set_title(caption, fontsize=7, color="#b00020" if wrong else "#1b5e20")
         axes[row, 2 * col + 1].set_title("where it looked", fontsize=7)
     _grid_title(fig, title)
-    return _save(fig, path)
+    return _save(fig, path, photos=True)

@@ -1,13 +1,16 @@
-"""Checkpoint files: atomic writes, and loading a trained network back safely."""
+"""Checkpoint files: atomic writes, one file for best and last when they are the same save, and loading a trained network back safely."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
@@ -26,20 +29,81 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a disk error below is then a clean OSError
-        try:
+
+        def write() -> None:
             with open(tmp, "wb") as f:
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:  # disk full, quota, file-size limit, read-only file system
-            run_dir = path.parent.parent
-            raise RunError(
-                f"could not save checkpoint '{path}' ({exc.strerror or exc}); the previous checkpoint is intact - "
-                f"free space, then continue with: pixelmill train resume={run_dir}"
-            ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        _replace(path, tmp, write)
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """Make ``path`` the file ``source`` is (a hard link; a copy where the file system has none), atomically."""
+    tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
+
+    def link() -> None:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+
+    _replace(path, tmp, link)
+
+
+def _replace(path: Path, tmp: Path, write) -> None:
+    """``write()`` the new file at ``tmp``, then rename it over ``path``; a failure leaves ``path`` as it was."""
+    try:
+        write()
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, file-size limit, read-only file system
+        run_dir = path.parent.parent
+        raise RunError(
+            f"could not save checkpoint '{path}' ({exc.strerror or exc}); the previous checkpoint is intact - "
+            f"free space, then continue with: pixelmill train resume={run_dir}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, saved after every epoch for resuming; the same file as ``best.ckpt`` when that was saved at this step.
+
+    The best checkpoint is written first (Lightning runs checkpoint callbacks last, in list order),
+    so when an epoch is the best so far, ``last.ckpt`` becomes a hard link to it instead of a second
+    serialisation and fsync of the same state: half the checkpoint I/O of an improving epoch
+    (2 x 134 MB for resnet18 with AdamW). The two dumps differ only in this callback's own state,
+    which is kept constant (its one path, set in ``setup``) so that the linked file is exactly what
+    a save of its own would have written. Lightning's ``save_last="link"`` makes a symbolic link to
+    whatever top-k file was saved last, even at an earlier step, which resuming cannot use.
+    """
+
+    def __init__(self, best: ModelCheckpoint, **kwargs: Any):
+        super().__init__(monitor=None, save_top_k=1, **kwargs)
+        self.best = best
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.best_model_path = self.format_checkpoint_name({})  # what every save of this callback sets before dumping
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        source = self.best._last_checkpoint_saved
+        if not source or self.best._last_global_step_saved != trainer.global_step:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        if trainer.is_global_zero:
+            link_checkpoint(Path(source), Path(filepath))
+        trainer.strategy.barrier("pixelmill.link_checkpoint")
+        # What ModelCheckpoint._save_checkpoint records after a save.
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 def remove_partial_saves(directory: Path) -> list[Path]:

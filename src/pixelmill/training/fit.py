@@ -148,31 +148,22 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
     from pixelmill.training.averaging import averaging_callbacks
     from pixelmill.training.callbacks import EpochProgressBar, GracefulStop, RunHistory
+    from pixelmill.training.checkpoint import LastCheckpoint
 
     t = cfg.trainer
-    callbacks: list = [
-        RunHistory(run_dir),
-        GracefulStop(),
-        ModelCheckpoint(
-            dirpath=run_dir / runs.CHECKPOINTS,
-            filename="best",
-            monitor=t.monitor,
-            mode=t.mode,
-            save_top_k=1,
-            save_on_train_epoch_end=True,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        ),
-        # Lightning's save_last only follows a top-k save; resume needs every epoch.
-        ModelCheckpoint(
-            dirpath=run_dir / runs.CHECKPOINTS,
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        ),
-    ]
+    best = ModelCheckpoint(
+        dirpath=run_dir / runs.CHECKPOINTS,
+        filename="best",
+        monitor=t.monitor,
+        mode=t.mode,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    # Lightning's save_last only follows a top-k save; resume needs every epoch.
+    last = LastCheckpoint(best, dirpath=run_dir / runs.CHECKPOINTS, filename="last", save_on_train_epoch_end=True, enable_version_counter=False)
+    callbacks: list = [RunHistory(run_dir), GracefulStop(), best, last]
     callbacks += averaging_callbacks(cfg)  # model.ema / trainer.swa: validated, checkpointed and evaluated as the average
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.mode, patience=t.early_stopping_patience, check_on_train_epoch_end=True))
