@@ -277,7 +277,9 @@ def test_torchrun_without_run_name_stops_every_rank_at_once(digits_root, tmp_pat
     out = subprocess.run(cmd, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=NODE_TIMEOUT_S)
     assert out.returncode != 0
     reasons = [line for line in (out.stdout + out.stderr).splitlines() if "error: " in line]
-    assert len(reasons) == 2 and all("run_name=NAME" in line for line in reasons), out.stderr[-3000:]
+    # The first rank to stop makes torchrun terminate the other, which may not have reached its own check yet:
+    # one line or two, each the run_name one, and no rank left waiting (the run returned within the timeout).
+    assert 1 <= len(reasons) <= 2 and all("run_name=NAME" in line for line in reasons), out.stderr[-3000:]
     assert not (tmp_path / "runs" / "unnamed").exists()
 
 
