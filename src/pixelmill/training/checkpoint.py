@@ -26,24 +26,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a disk error below is then a clean OSError
 
-        def write() -> None:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
 
-        _replace(path, tmp, write)
+        _replace(path, write)
 
 
 def link_checkpoint(source: Path, path: Path) -> None:
     """Make ``path`` the file ``source`` is (a hard link; a copy where the file system has none), atomically."""
-    tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
 
-    def link() -> None:
+    def link(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
@@ -52,13 +50,15 @@ def link_checkpoint(source: Path, path: Path) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
 
-    _replace(path, tmp, link)
+    _replace(path, link)
 
 
-def _replace(path: Path, tmp: Path, write) -> None:
-    """``write()`` the new file at ``tmp``, then rename it over ``path``; a failure leaves ``path`` as it was."""
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` the new file beside ``path`` (a name remove_partial_saves knows), then rename it over ``path``;
+    a failure leaves ``path`` as it was."""
+    tmp = path.with_name(PARTIAL_SAVE.format(name=path.name, pid=os.getpid()))
     try:
-        write()
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:  # disk full, quota, file-size limit, read-only file system
         run_dir = path.parent.parent
